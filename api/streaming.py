@@ -1,0 +1,203 @@
+"""Relay of stream events from Redis pub/sub to HTTP clients.
+
+One pub/sub connection per API process (`StreamHub`) fans events out to per-request queues, so
+a thousand open streams cost one Redis connection, not a thousand. A request's channel is
+subscribed, and the subscription confirmed by Redis, before its message goes to Kafka: no
+event can be published before someone listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from shared import metrics
+from shared.messages import DoneEvent, ErrorEvent, TokensEvent, stream_event_adapter
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Event = TokensEvent | DoneEvent | ErrorEvent
+
+
+class StreamHub:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._opened: dict[str, float] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        # A channel of our own keeps the connection subscribed while no request is open.
+        await self._pubsub.subscribe(f"{self._settings.redis_prefix}:api:{uuid.uuid4().hex}")
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+    async def open(self, request_id: str) -> asyncio.Queue[Event]:
+        """Subscribe to the request's channel; returns once Redis has confirmed it."""
+        assert self._pubsub is not None, "StreamHub.start() was not called"
+        channel = self._settings.stream_channel(request_id)
+        confirmed = asyncio.get_running_loop().create_future()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._queues[channel] = queue
+        self._opened[request_id] = time.monotonic()
+        self._confirmations[channel] = confirmed
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(confirmed, timeout=5.0)
+        except BaseException:
+            await self.close(request_id)
+            raise
+        finally:
+            self._confirmations.pop(channel, None)
+        return queue
+
+    async def close(self, request_id: str) -> None:
+        channel = self._settings.stream_channel(request_id)
+        self._queues.pop(channel, None)
+        self._opened.pop(request_id, None)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
+
+    def open_count(self) -> int:
+        return len(self._queues)
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("Redis pub/sub read failed (%s); retrying", e)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                await self._sweep()
+                continue
+            channel = message["channel"].decode()
+            if message["type"] == "subscribe":
+                confirmed = self._confirmations.get(channel)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+            elif message["type"] == "message" and channel in self._queues:
+                try:
+                    event = stream_event_adapter.validate_json(message["data"])
+                except ValidationError as e:
+                    log.error("dropping malformed stream event on %s: %s", channel, e)
+                    continue
+                self._queues[channel].put_nowait(event)
+
+    async def _sweep(self) -> None:
+        """Close subscriptions whose relay never ran to its end (a client gone before its
+        response started); every relay gives up at the request timeout anyway."""
+        limit = time.monotonic() - self._settings.request_timeout_s - 10
+        for request_id in [r for r, t in self._opened.items() if t < limit]:
+            await self.close(request_id)
+
+
+@dataclass
+class Clock:
+    """The API's own view of a request's timings (what the client experiences)."""
+
+    accepted: float
+    first_token: float | None = None
+
+    def ms(self, t: float) -> float:
+        return round((t - self.accepted) * 1000, 2)
+
+
+class RequestFailed(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def events(
+    queue: asyncio.Queue[Event], clock: Clock, timeout_s: float
+) -> AsyncIterator[Event]:
+    """A request's events until its terminal one, with client-side timings on the done event."""
+    deadline = clock.accepted + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            event = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.001))
+        except TimeoutError:
+            raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
+        if isinstance(event, TokensEvent):
+            if clock.first_token is None and event.tokens:
+                clock.first_token = time.monotonic()
+                metrics.CLIENT_TTFT.observe(clock.first_token - clock.accepted)
+            yield event
+            continue
+        if isinstance(event, DoneEvent):
+            now = time.monotonic()
+            metrics.CLIENT_E2E.observe(now - clock.accepted)
+            event.timings.ttft_ms = clock.ms(clock.first_token or now)
+            event.timings.e2e_ms = clock.ms(now)
+        yield event
+        return
+
+
+def sse(event: str, data: dict, event_id: int | None = None) -> bytes:
+    lines = [f"event: {event}"]
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def sse_frames(source: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    """SSE for one request: `token` events (one per token, `id` = token index), then `done`
+    or `error`."""
+    metrics.OPEN_STREAMS.inc()
+    try:
+        async for event in source:
+            if isinstance(event, TokensEvent):
+                for token in event.tokens:
+                    yield sse("token", token.model_dump(), token.index)
+            elif isinstance(event, DoneEvent):
+                yield sse("done", event.model_dump(exclude={"v", "type"}))
+            else:
+                yield sse("error", {"request_id": event.request_id, "message": event.message})
+    except RequestFailed as e:
+        yield sse("error", {"message": e.message, "status": e.status})
+    finally:
+        metrics.OPEN_STREAMS.dec()
+
+
+async def collect(source: AsyncIterator[Event]) -> tuple[str, DoneEvent]:
+    """The whole completion, for `stream: false`."""
+    parts: list[str] = []
+    async for event in source:
+        if isinstance(event, TokensEvent):
+            parts.extend(t.text for t in event.tokens)
+        elif isinstance(event, DoneEvent):
+            return "".join(parts), event
+        else:
+            raise RequestFailed(502, event.message)
+    raise RequestFailed(502, "stream ended without a result")

@@ -1,0 +1,75 @@
+"""Kafka clients with the settings every Sluice process shares.
+
+The defaults also suit the dev broker (Tansu, see docs/ARCHITECTURE.md): it does not wake a
+waiting fetch when data arrives, so fetches wait at most a few ms, and it has no idempotent
+producer, which stays a setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A fetch the broker is not woken from returns after this long: it bounds queue latency.
+FETCH_MAX_WAIT_MS = 10
+
+
+def make_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        linger_ms=0,
+    )
+
+
+def make_consumer(settings: Settings, *topics: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        max_poll_records=settings.poll_max_records,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+    )
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create the request topic and its dead-letter topic if they are missing."""
+    wanted = {
+        settings.requests_topic: settings.requests_partitions,
+        settings.dlq_topic: 1,
+    }
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=n, replication_factor=1)
+            for name, n in wanted.items()
+            if name not in existing
+        ]
+        if missing:
+            # Two processes starting at once may both try; "already exists" is fine.
+            await admin.create_topics(missing)
+            log.info("created topics %s", [t.name for t in missing])
+    finally:
+        await admin.close()
+
+
+async def kafka_reachable(producer: AIOKafkaProducer, timeout_s: float = 2.0) -> bool:
+    try:
+        await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout_s)
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,123 @@
+"""The wire contract between the API and the workers, defined once.
+
+- `GenerationRequest`: the Kafka message on `sluice.requests` (JSON, keyed by request id).
+- `TokensEvent`, `DoneEvent`, `ErrorEvent`: stream events a worker publishes on the request's
+  Redis channel; the API relays them as SSE.
+- `Heartbeat`: what each worker writes to Redis so the API knows someone is serving.
+
+Every message carries `v`, the schema version. A consumer rejects versions it does not know
+(the worker sends such requests to the dead-letter topic) instead of guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingOptions(_Strict):
+    """OpenAI's sampling fields; ranges as OpenAI documents them."""
+
+    max_tokens: int = Field(..., gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    seed: int | None = None
+
+
+class PromptInput(_Strict):
+    """Exactly one of `prompt` (raw text) or `messages` (rendered with the chat template)."""
+
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str | None) -> str | None:
+        if prompt is not None and not prompt.strip():
+            raise ValueError("must not be blank")
+        return prompt
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PromptInput:
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("give either 'prompt' or 'messages', not both")
+        if self.prompt is None and self.messages is None:
+            raise ValueError("one of 'prompt' or 'messages' is required")
+        return self
+
+
+class GenerationRequest(PromptInput):
+    v: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(..., min_length=1, max_length=128)
+    sampling: SamplingOptions
+    # Unix time (s) at which the API produced the request; workers derive queue time from it.
+    enqueued_at: float
+
+
+class Token(_Strict):
+    index: int = Field(..., ge=0)
+    text: str
+
+
+class Usage(_Strict):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(_Strict):
+    queue_ms: float
+    ttft_ms: float
+    e2e_ms: float
+
+
+class TokensEvent(_Strict):
+    """One or more consecutive tokens; workers coalesce deltas to spare Redis round trips."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    type: Literal["tokens"] = "tokens"
+    tokens: list[Token]
+
+
+class DoneEvent(_Strict):
+    v: Literal[1] = SCHEMA_VERSION
+    type: Literal["done"] = "done"
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    # Measured by the worker from `enqueued_at`; the API replaces ttft/e2e with its own clock.
+    timings: Timings
+
+
+class ErrorEvent(_Strict):
+    v: Literal[1] = SCHEMA_VERSION
+    type: Literal["error"] = "error"
+    request_id: str
+    message: str
+
+
+StreamEvent = Annotated[TokensEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
+stream_event_adapter: TypeAdapter[TokensEvent | DoneEvent | ErrorEvent] = TypeAdapter(StreamEvent)
+
+
+class Heartbeat(_Strict):
+    v: Literal[1] = SCHEMA_VERSION
+    worker_id: str
+    engine: str
+    model: str
+    in_flight: int
+    ts: float

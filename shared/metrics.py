@@ -1,0 +1,45 @@
+"""Sluice's own Prometheus metrics (`sluice_*`).
+
+Engine metrics are vLLM's own (`vllm:*`): the engine registers them in the worker process and
+the worker's /metrics serves them, so vLLM dashboards work unchanged. What is defined here is
+what only Sluice sees: the HTTP side, the queue, and the stream relay.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# API
+REQUESTS = Counter(
+    "sluice_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"]
+)
+OPEN_STREAMS = Gauge("sluice_open_streams", "SSE streams currently open")
+CLIENT_TTFT = Histogram(
+    "sluice_time_to_first_token_seconds",
+    "Request accepted by the API to first token relayed, as the client sees it",
+    buckets=_LATENCY_BUCKETS,
+)
+CLIENT_E2E = Histogram(
+    "sluice_e2e_request_latency_seconds",
+    "Request accepted by the API to done event relayed",
+    buckets=_LATENCY_BUCKETS,
+)
+
+# Worker
+KAFKA_QUEUE_TIME = Histogram(
+    "sluice_kafka_queue_time_seconds",
+    "Request produced by the API to picked up by a worker",
+    ["topic"],
+    buckets=_LATENCY_BUCKETS,
+)
+DEAD_LETTERED = Counter(
+    "sluice_dead_lettered", "Messages moved to the dead-letter topic", ["topic"]
+)
+IN_FLIGHT = Gauge("sluice_worker_in_flight", "Requests this worker is serving")
+
+
+def serve_metrics(port: int) -> None:
+    """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP."""
+    start_http_server(port)

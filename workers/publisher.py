@@ -1,0 +1,87 @@
+"""Publishes stream events to Redis, coalescing token deltas.
+
+The first token of a request is published at once (it is the client's TTFT); later tokens are
+gathered for up to `stream_interval_ms` and go out as one `TokensEvent` per request, all
+requests of a flush in one pipelined round trip. Per request the order is kept: tokens first,
+then the terminal done/error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from shared.messages import DoneEvent, ErrorEvent, Token, TokensEvent
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    tokens: list[Token] = field(default_factory=list)
+    terminal: DoneEvent | ErrorEvent | None = None
+    published: asyncio.Future[None] | None = None
+
+
+class Publisher:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._interval = settings.stream_interval_ms / 1000
+        self._pending: dict[str, _Pending] = {}
+        self._urgent = asyncio.Event()
+
+    def tokens(self, request_id: str, tokens: list[Token]) -> None:
+        pending = self._pending.setdefault(request_id, _Pending())
+        pending.tokens.extend(tokens)
+        if self._interval == 0 or (tokens and tokens[0].index == 0):
+            self._urgent.set()
+
+    async def finish(self, request_id: str, event: DoneEvent | ErrorEvent) -> None:
+        """Queue the terminal event and wait until it (and every token before it) is in Redis:
+        only then may the worker count the request as done and commit its offset."""
+        pending = self._pending.setdefault(request_id, _Pending())
+        pending.terminal = event
+        pending.published = asyncio.get_running_loop().create_future()
+        self._urgent.set()
+        await pending.published
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._urgent.wait(), timeout=self._interval or None)
+            except TimeoutError:
+                pass
+            self._urgent.clear()
+            if self._pending:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, {}
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id, pending in batch.items():
+            channel = self._settings.stream_channel(request_id)
+            if pending.tokens:
+                pipe.publish(channel, TokensEvent(tokens=pending.tokens).model_dump_json())
+            if pending.terminal is not None:
+                pipe.publish(channel, pending.terminal.model_dump_json())
+        try:
+            await pipe.execute()
+        except Exception:
+            # Keep the events and retry: put them back ahead of anything newer.
+            log.exception("publishing %d streams to Redis failed; retrying", len(batch))
+            for request_id, newer in self._pending.items():
+                old = batch.setdefault(request_id, _Pending())
+                old.tokens.extend(newer.tokens)
+                old.terminal = newer.terminal or old.terminal
+                old.published = newer.published or old.published
+            self._pending = batch
+            await asyncio.sleep(0.5)
+            return
+        for pending in batch.values():
+            if pending.published is not None and not pending.published.done():
+                pending.published.set_result(None)
