@@ -10,12 +10,12 @@ sluice bench                 serving benchmark (see docs/BENCHMARKS.md)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 RUN_DIR = Path(".run")
@@ -32,52 +32,42 @@ def _up(args: argparse.Namespace) -> None:
     settings = Settings()
     prepare_default_model(settings)
     RUN_DIR.mkdir(exist_ok=True)
-    procs: dict[str, object] = {}
-
+    services = {}
     kafka_host, kafka_port = devstack.host_port(settings.kafka, 9092)
     if not devstack.port_open(kafka_host, kafka_port):
-        procs["broker"] = devstack.start_broker(kafka_port, RUN_DIR / "broker.log")
+        services["broker"] = devstack.start_broker(kafka_port, RUN_DIR / "broker.log")
     redis_host, redis_port = devstack.host_port(settings.redis, 6379)
     if not devstack.port_open(redis_host, redis_port):
-        procs["redis"] = devstack.start_redis(redis_port, RUN_DIR / "redis.log")
-    procs["worker"] = devstack.spawn_sluice(["worker"], RUN_DIR / "worker.log", {})
-    procs["api"] = devstack.spawn_sluice(["api"], RUN_DIR / "api.log", {})
-    pids = {"up": os.getpid(), **{n: p.pid for n, p in procs.items()}}
-    (RUN_DIR / "pids.json").write_text(json.dumps(pids))
+        services["redis"] = devstack.start_redis(redis_port, RUN_DIR / "redis.log")
+    stack = devstack.LocalStack(settings, RUN_DIR)
+    stack.start_worker()
+    stack.start_api()
+    everything = [*services.values(), *stack.processes()]
+    (RUN_DIR / "pids.json").write_text(json.dumps([os.getpid(), *(p.pid for p in everything)]))
 
     def shutdown(*_: object) -> None:
-        print("\nstopping", ", ".join(reversed(procs)))
-        for proc in reversed(list(procs.values())):
-            devstack.stop(proc)  # type: ignore[arg-type]
+        print("\nstopping everything started here")
+        stack.stop()
+        for proc in reversed(services.values()):
+            devstack.stop(proc)
         (RUN_DIR / "pids.json").unlink(missing_ok=True)
         sys.exit(0)
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    url = f"http://{settings.host}:{settings.port}"
-    print(f"starting: {', '.join(procs)} (logs in {RUN_DIR}/); the engine takes ~1-2 min on CPU")
-    while not _ready(url):
-        for name, proc in procs.items():
-            if proc.poll() is not None:  # type: ignore[attr-defined]
-                print(f"{name} exited; see {RUN_DIR}/{name}.log")
-                shutdown()
-        time.sleep(1)
-    print(f"\nSluice is ready at {url}\n\n{CURL_EXAMPLE.format(url=url)}\n")
-    print("Ctrl-C (or `make stop`) stops everything started here.")
-    while True:
-        time.sleep(1)
-        for name, proc in procs.items():
-            if proc.poll() is not None:  # type: ignore[attr-defined]
-                print(f"{name} exited; see {RUN_DIR}/{name}.log")
-                shutdown()
-
-
-def _ready(url: str) -> bool:
+    started = ", ".join([*services, "worker", "API"])
+    print(f"starting {started} (logs in {RUN_DIR}/); the engine takes ~1-2 min on CPU")
     try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
+        stack.wait_ready()
+    except (RuntimeError, TimeoutError) as e:
+        print(e)
+        shutdown()
+    print(f"\nSluice is ready at {stack.url}\n\n{CURL_EXAMPLE.format(url=stack.url)}\n")
+    print("Ctrl-C (or `make stop`) stops everything started here.")
+    while all(p.poll() is None for p in everything):
+        time.sleep(1)
+    print(f"a process exited; see the logs in {RUN_DIR}/")
+    shutdown()
 
 
 def _down(args: argparse.Namespace) -> None:
@@ -85,21 +75,19 @@ def _down(args: argparse.Namespace) -> None:
     if not pids_file.exists():
         print("nothing to stop")
         return
-    pids: dict[str, int] = json.loads(pids_file.read_text())
+    supervisor, *children = json.loads(pids_file.read_text())
     try:
         # The supervisor stops its children in order and removes the pid file.
-        os.kill(pids.pop("up"), signal.SIGTERM)
+        os.kill(supervisor, signal.SIGTERM)
         print("stopping the stack started by `sluice up`")
         return
     except ProcessLookupError:
         pass
-    for name, pid in reversed(pids.items()):  # the supervisor is gone: stop what it left
-        try:
+    for pid in children:  # the supervisor is gone: stop what it left behind
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            print(f"stopped {name} ({pid})")
-        except ProcessLookupError:
-            pass
     pids_file.unlink()
+    print(f"stopped {len(children)} processes")
 
 
 def _model(args: argparse.Namespace) -> None:
@@ -144,10 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     model = sub.add_parser("model", help="model preparation")
     model.add_argument("action", choices=["prepare"])
     model.set_defaults(fn=_model)
-    bench = sub.add_parser("bench", help="serving benchmark", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(fn=_bench)
-    args = parser.parse_args(argv)
+    # The benchmark parses its own options (`sluice bench --help`).
+    sub.add_parser("bench", help="serving benchmark", add_help=False).set_defaults(fn=_bench)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.fn is not _bench:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     args.fn(args)
 
 

@@ -24,6 +24,7 @@ class GenerateBody(PromptInput, SamplingOptions):
             top_p=self.top_p,
             stop=stop,
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -178,8 +178,8 @@ async def sse_frames(source: AsyncIterator[Event]) -> AsyncIterator[bytes]:
     try:
         async for event in source:
             if isinstance(event, TokensEvent):
-                for token in event.tokens:
-                    yield sse("token", token.model_dump(), token.index)
+                # One write per coalesced event, however many tokens it holds.
+                yield b"".join(sse("token", t.model_dump(), t.index) for t in event.tokens)
             elif isinstance(event, DoneEvent):
                 yield sse("done", event.model_dump(exclude={"v", "type"}))
             else:

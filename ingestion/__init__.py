@@ -1,0 +1,1 @@
+"""RAG ingestion (a Kafka consumer: load, chunk, embed, upsert). Not built yet."""

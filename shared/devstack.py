@@ -14,8 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
+
+from shared.settings import Settings
 
 
 def free_port() -> int:
@@ -88,6 +91,68 @@ def spawn_sluice(args: list[str], log_path: Path, env: dict[str, str]) -> subpro
     """Start `sluice ARGS...` (a worker or the API) as its own process."""
     sluice = shutil.which("sluice", path=os.path.dirname(sys.executable)) or "sluice"
     return _spawn([sluice, *args], log_path, {**os.environ, **env})
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """SLUICE_* variables that reproduce `settings` in a child process (less its worker id)."""
+    env = {}
+    for name, value in settings.model_dump(exclude={"worker_id"}).items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"SLUICE_{name.upper()}"] = text
+    return env
+
+
+class LocalStack:
+    """The API and workers as processes, as `sluice up` runs them; also used by tests and bench.
+    Kafka and Redis must already be reachable at the settings' addresses."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.url = f"http://{settings.host}:{settings.port}"
+        self.env = settings_env(settings)
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.api: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        proc = spawn_sluice(["worker"], self.log_dir / f"worker-{n}.log", self.env)
+        self.workers.append(proc)
+        return proc
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            stop(proc)
+        self.workers.clear()
+
+    def start_api(self) -> None:
+        self.api = spawn_sluice(["api"], self.log_dir / "api.log", self.env)
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in (self.api, *self.workers) if p is not None]
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        """Until /ready answers 200: the engine start (~20-150 s on CPU) dominates."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            dead = [p.args for p in self.processes() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited; see the logs in {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s:g} s; see {self.log_dir}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.api is not None:
+            stop(self.api)
+        self.stop_workers()
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

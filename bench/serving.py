@@ -1,0 +1,264 @@
+"""Serving benchmark: one streaming workload, two paths, measured side by side in one run.
+
+- `sluice`: HTTP clients streaming SSE from the API (API -> Kafka -> worker -> vLLM -> Redis).
+- `direct`: the same `VllmEngine` the worker uses, in this process, no queue, no network.
+
+Rounds alternate the two paths so that drift on a noisy machine hits both alike. Reports TTFT,
+inter-token latency (ITL, gaps between tokens as the client receives them), time per output
+token (TPOT) and end-to-end latency percentiles, and output tokens/s (median over rounds).
+
+    sluice bench [--concurrency 16] [--requests 48] [--max-tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from shared import devstack
+from shared.messages import GenerationRequest, SamplingOptions
+from shared.models import prepare_default_model
+from shared.settings import Settings
+
+TOPICS = ["the sea", "a lighthouse", "autumn", "a robot", "the moon", "a market", "rain",
+          "a violin", "mountains", "a library", "a train", "winter", "a garden", "a city",
+          "the desert", "a bridge"]  # fmt: skip
+PROMPTS = [f"Write a short story about {t}." for t in TOPICS]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    e2e: float
+    tokens: int
+    gaps: list[float] = field(default_factory=list)
+    queue_ms: float = 0.0  # Kafka: produced by the API -> picked up by a worker (sluice only)
+
+
+@dataclass
+class Round:
+    path: str
+    wall_s: float
+    samples: list[Sample]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
+
+
+OneRequest = Callable[[str], Awaitable[Sample]]
+
+
+async def run_round(path: str, one: OneRequest, n_requests: int, concurrency: int) -> Round:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for i in range(n_requests):
+        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
+    samples: list[Sample] = []
+
+    async def client() -> None:
+        while not queue.empty():
+            samples.append(await one(queue.get_nowait()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return Round(path, time.perf_counter() - start, samples)
+
+
+def sluice_client(http: httpx.AsyncClient, max_tokens: int) -> OneRequest:
+    async def one(prompt: str) -> Sample:
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        arrivals: list[float] = []
+        queue_ms = 0.0
+        start = time.perf_counter()
+        async with aconnect_sse(http, "POST", "/generate", json=body) as source:
+            source.response.raise_for_status()
+            async for sse in source.aiter_sse():
+                if sse.event == "token":
+                    arrivals.append(time.perf_counter())
+                elif sse.event == "done":
+                    queue_ms = json.loads(sse.data)["timings"]["queue_ms"]
+                elif sse.event == "error":
+                    raise RuntimeError(sse.data)
+        sample = _sample(start, arrivals)
+        sample.queue_ms = queue_ms
+        return sample
+
+    return one
+
+
+def direct_client(engine: object, max_tokens: int) -> OneRequest:
+    async def one(prompt: str) -> Sample:
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex,
+            prompt=prompt,
+            sampling=SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+            enqueued_at=time.time(),
+        )
+        arrivals: list[float] = []
+        start = time.perf_counter()
+        async for delta in engine.generate(request):  # type: ignore[attr-defined]
+            arrivals.extend([time.perf_counter()] * delta.num_tokens)
+        return _sample(start, arrivals)
+
+    return one
+
+
+def _sample(start: float, arrivals: list[float]) -> Sample:
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return Sample(
+        ttft=arrivals[0] - start, e2e=arrivals[-1] - start, tokens=len(arrivals), gaps=gaps
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(rounds: list[Round]) -> dict[str, float]:
+    samples = [s for r in rounds for s in r.samples]
+    ttft = [s.ttft * 1000 for s in samples]
+    e2e = [s.e2e * 1000 for s in samples]
+    gaps = [g * 1000 for s in samples for g in s.gaps]
+    tpot = [(s.e2e - s.ttft) * 1000 / (s.tokens - 1) for s in samples if s.tokens > 1]
+    out = {
+        "tokens_per_s": statistics.median(r.tokens_per_s for r in rounds),
+        "requests": len(samples),
+    }
+    for name, values in (("ttft_ms", ttft), ("itl_ms", gaps), ("tpot_ms", tpot), ("e2e_ms", e2e)):
+        for q in (50, 95, 99):
+            out[f"{name}_p{q}"] = percentile(values, q)
+    return out
+
+
+def _trio(r: dict[str, float], key: str) -> str:
+    return "/".join(f"{r[f'{key}_p{q}']:.0f}" for q in (50, 95, 99))
+
+
+def markdown(results: dict[str, dict[str, float]]) -> str:
+    rows = [
+        "| path | tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | TPOT p50 ms "
+        "| e2e p50/p95/p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path, r in results.items():
+        rows.append(
+            f"| {path} | {r['tokens_per_s']:.1f} | {_trio(r, 'ttft_ms')} | {_trio(r, 'itl_ms')} "
+            f"| {r['tpot_ms_p50']:.1f} | {_trio(r, 'e2e_ms')} |"
+        )
+    return "\n".join(rows)
+
+
+async def bench(args: argparse.Namespace, stack_url: str, settings: Settings) -> dict:
+    from workers.engines.vllm import VllmEngine
+
+    engine = VllmEngine.start(settings)
+    try:
+        async with httpx.AsyncClient(base_url=stack_url, timeout=600) as http:
+            paths = {
+                "direct": direct_client(engine, args.max_tokens),
+                "sluice": sluice_client(http, args.max_tokens),
+            }
+            for name, one in paths.items():  # warm-up, not measured
+                await run_round(name, one, args.concurrency, args.concurrency)
+            rounds: dict[str, list[Round]] = {name: [] for name in paths}
+            for i in range(args.rounds):
+                order = list(paths) if i % 2 == 0 else list(reversed(paths))
+                for name in order:
+                    r = await run_round(name, paths[name], args.requests, args.concurrency)
+                    rounds[name].append(r)
+                    ttft = [s.ttft * 1000 for s in r.samples]
+                    queue = [s.queue_ms for s in r.samples]
+                    print(
+                        f"round {i + 1} {name}: {r.tokens_per_s:.1f} tok/s, TTFT p50 "
+                        f"{percentile(ttft, 50):.0f} ms, max {max(ttft):.0f} ms, "
+                        f"Kafka queue max {max(queue):.0f} ms",
+                        flush=True,
+                    )
+    finally:
+        await engine.shutdown()
+    results = {name: summarize(rs) for name, rs in rounds.items()}
+    d, s = results["direct"], results["sluice"]
+    return {
+        "results": results,
+        "throughput_ratio": s["tokens_per_s"] / d["tokens_per_s"],
+        "ttft_added_p50_ms": s["ttft_ms_p50"] - d["ttft_ms_p50"],
+        "per_round_tokens_per_s": {n: [r.tokens_per_s for r in rs] for n, rs in rounds.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sluice bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=48, help="per round and path")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+
+    base = Settings()
+    prepare_default_model(base)
+    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    broker_port = devstack.free_port()
+    broker = devstack.start_broker(broker_port, log_dir / "broker.log")
+    tag = uuid.uuid4().hex[:8]
+    settings = base.model_copy(update={
+        "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
+        "redis_prefix": f"sluice-bench-{tag}", "worker_metrics_port": 0,
+    })  # fmt: skip
+    stack = devstack.LocalStack(settings, log_dir)
+    try:
+        stack.start_worker()
+        stack.start_api()
+        stack.wait_ready()
+        report = asyncio.run(bench(args, stack.url, settings))
+    finally:
+        stack.stop()
+        devstack.stop(broker)
+    report["config"] = {
+        **vars(args),
+        "out": str(args.out),
+        "model": settings.model,
+        "dtype": settings.dtype,
+        "machine": machine(),
+    }
+    print()
+    print(markdown(report["results"]))
+    print(
+        f"\nthroughput ratio sluice/direct: {report['throughput_ratio']:.3f}; "
+        f"p50 TTFT added: {report['ttft_added_p50_ms']:.1f} ms"
+    )
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def machine() -> str:
+    import os
+
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
