@@ -1,8 +1,8 @@
 """Kafka clients with the settings every Sluice process shares.
 
 The defaults also suit the dev broker (Tansu, see docs/ARCHITECTURE.md): it does not wake a
-waiting fetch when data arrives, so fetches wait at most a few ms, and it has no idempotent
-producer, which stays a setting.
+waiting fetch when data arrives, so fetches wait at most `SLUICE_KAFKA_FETCH_MAX_WAIT_MS`, and
+it has no idempotent producer, which stays a setting.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# A fetch the broker is not woken from returns after this long: it bounds queue latency.
-FETCH_MAX_WAIT_MS = 10
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
@@ -37,7 +34,7 @@ def make_consumer(settings: Settings, *topics: str) -> AIOKafkaConsumer:
         group_id=settings.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         max_poll_records=settings.poll_max_records,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,

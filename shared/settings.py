@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     redis_prefix: str = "sluice"
     # Real Kafka supports idempotent producers; the dev broker (Tansu) does not.
     kafka_idempotence: bool = False
+    # Tansu does not wake a waiting fetch when data arrives, so this bounds the queue latency
+    # there; real Kafka answers a fetch as soon as data arrives: raise it (e.g. 500) to poll less.
+    kafka_fetch_max_wait_ms: int = Field(50, ge=0)
 
     # Topics and consumer group
     requests_topic: str = "sluice.requests"
