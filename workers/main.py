@@ -127,6 +127,8 @@ class Worker:
             self._fatal = exc
             self.stopping.set()
             return
+        if exc is not None:
+            log.error("request at %s@%d failed outside the engine: %r", tp, offset, exc)
         self.offsets.finished(tp, offset)
 
     async def _commit(self) -> None:

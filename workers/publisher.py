@@ -34,10 +34,12 @@ class Publisher:
         self._interval = settings.stream_interval_ms / 1000
         self._pending: dict[str, _Pending] = {}
         self._urgent = asyncio.Event()
+        self._has_data = asyncio.Event()
 
     def tokens(self, request_id: str, tokens: list[Token]) -> None:
         pending = self._pending.setdefault(request_id, _Pending())
         pending.tokens.extend(tokens)
+        self._has_data.set()
         if self._interval == 0 or (tokens and tokens[0].index == 0):
             self._urgent.set()
 
@@ -47,11 +49,13 @@ class Publisher:
         pending = self._pending.setdefault(request_id, _Pending())
         pending.terminal = event
         pending.published = asyncio.get_running_loop().create_future()
+        self._has_data.set()
         self._urgent.set()
         await pending.published
 
     async def run(self) -> None:
         while True:
+            await self._has_data.wait()  # idle workers do not wake every interval
             try:
                 await asyncio.wait_for(self._urgent.wait(), timeout=self._interval or None)
             except TimeoutError:
@@ -59,6 +63,8 @@ class Publisher:
             self._urgent.clear()
             if self._pending:
                 await self._flush()
+            if not self._pending:
+                self._has_data.clear()
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, {}
