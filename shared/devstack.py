@@ -97,6 +97,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """SLUICE_* variables that reproduce `settings` in a child process (less its worker id)."""
     env = {}
     for name, value in settings.model_dump(exclude={"worker_id"}).items():
+        if value is None:  # unset stays unset: the child gets the default
+            continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         env[f"SLUICE_{name.upper()}"] = text
     return env
