@@ -45,9 +45,14 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(1024, ge=1)
     default_max_tokens: int = Field(128, ge=1)
 
-    # Engine (vLLM)
+    # Engine (vLLM); see docs/OPTIMIZATION.md
     engine: str = "vllm"
     dtype: str = "float32"
+    # none | int8 (weight-only, torchao, works on CPU and GPU) | any vLLM method, e.g. fp8 on GPU
+    quantization: str = "none"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    block_size: int | None = Field(None, ge=1)
     kv_cache_space_gib: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_num_seqs: int = Field(32, ge=1)

@@ -81,21 +81,28 @@ PROMPTS = [f"Write one sentence about the number {i}." for i in range(16)]
 REF_MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="session")
-def greedy_reference(model_ready: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """vLLM's own greedy completions for PROMPTS, in a separate process so that its engine is
-    gone before the worker's starts (two engines on two cores would only slow both)."""
+def vllm_reference(
+    out_dir: Path, prompts: list[str], max_tokens: int, env: dict[str, str] | None = None
+) -> dict:
+    """Plain offline vLLM's greedy completions (tests/greedy_reference.py) in its own process,
+    so that its engine is gone before the worker's starts."""
     script = Path(__file__).with_name("greedy_reference.py")
-    result = tmp_path_factory.mktemp("reference") / "greedy.json"
+    result = out_dir / "greedy.json"
     out = subprocess.run(
-        [sys.executable, str(script), str(result), str(REF_MAX_TOKENS), *PROMPTS],
+        [sys.executable, str(script), str(result), str(max_tokens), *prompts],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(model_ready: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return vllm_reference(tmp_path_factory.mktemp("reference"), PROMPTS, REF_MAX_TOKENS)["texts"]
 
 
 @pytest.fixture(scope="session")
