@@ -171,13 +171,14 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
 async def bench(args: argparse.Namespace, stack_url: str, settings: Settings) -> dict:
     from workers.engines.vllm import VllmEngine
 
-    engine = VllmEngine.start(settings)
+    engine = VllmEngine.start(settings) if "direct" in args.paths else None
     try:
         async with httpx.AsyncClient(base_url=stack_url, timeout=600) as http:
-            paths = {
-                "direct": direct_client(engine, args.max_tokens),
-                "sluice": sluice_client(http, args.max_tokens),
+            clients = {
+                "direct": lambda: direct_client(engine, args.max_tokens),
+                "sluice": lambda: sluice_client(http, args.max_tokens),
             }
+            paths = {name: clients[name]() for name in args.paths}
             for name, one in paths.items():  # warm-up, not measured
                 await run_round(name, one, args.concurrency, args.concurrency)
             rounds: dict[str, list[Round]] = {name: [] for name in paths}
@@ -186,6 +187,7 @@ async def bench(args: argparse.Namespace, stack_url: str, settings: Settings) ->
                 for name in order:
                     r = await run_round(name, paths[name], args.requests, args.concurrency)
                     rounds[name].append(r)
+                    await asyncio.sleep(args.pause_s)
                     ttft = [s.ttft * 1000 for s in r.samples]
                     queue = [s.queue_ms for s in r.samples]
                     print(
@@ -195,15 +197,21 @@ async def bench(args: argparse.Namespace, stack_url: str, settings: Settings) ->
                         flush=True,
                     )
     finally:
-        await engine.shutdown()
+        if engine is not None:
+            await engine.shutdown()
     results = {name: summarize(rs) for name, rs in rounds.items()}
-    d, s = results["direct"], results["sluice"]
-    return {
+    report: dict = {
         "results": results,
-        "throughput_ratio": s["tokens_per_s"] / d["tokens_per_s"],
-        "ttft_added_p50_ms": s["ttft_ms_p50"] - d["ttft_ms_p50"],
         "per_round_tokens_per_s": {n: [r.tokens_per_s for r in rs] for n, rs in rounds.items()},
+        "per_round_ttft_max_ms": {
+            n: [max(s.ttft for s in r.samples) * 1000 for r in rs] for n, rs in rounds.items()
+        },
     }
+    if len(results) == 2:
+        d, s = results["direct"], results["sluice"]
+        report["throughput_ratio"] = s["tokens_per_s"] / d["tokens_per_s"]
+        report["ttft_added_p50_ms"] = s["ttft_ms_p50"] - d["ttft_ms_p50"]
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=48, help="per round and path")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--paths", nargs="+", choices=["direct", "sluice"], default=["direct", "sluice"]
+    )
+    parser.add_argument("--pause-s", type=float, default=0.0, help="idle time after each round")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
 
@@ -247,10 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     print()
     print(markdown(report["results"]))
-    print(
-        f"\nthroughput ratio sluice/direct: {report['throughput_ratio']:.3f}; "
-        f"p50 TTFT added: {report['ttft_added_p50_ms']:.1f} ms"
-    )
+    if "throughput_ratio" in report:
+        print(
+            f"\nthroughput ratio sluice/direct: {report['throughput_ratio']:.3f}; "
+            f"p50 TTFT added: {report['ttft_added_p50_ms']:.1f} ms"
+        )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 
