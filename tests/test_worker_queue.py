@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from shared.kafka import ensure_topics
@@ -190,8 +191,21 @@ async def test_a_full_worker_stops_taking_work(services: Services, max_in_flight
     engine = FakeEngine(token_delay_s=0.02)
     requests = [req(max_tokens=10) for _ in range(8)]
     events = await listen(settings, [r.request_id for r in requests])
+    busy_before, held_before = (
+        counter("sluice_engine_busy_seconds_total"),
+        counter("sluice_engine_request_seconds_total"),
+    )
     async with worker(settings, engine):
         await produce(settings, *(r.model_dump_json().encode() for r in requests))
         done = [e async for _, e in events if isinstance(e, DoneEvent)]
     assert len(done) == 8
     assert engine.max_running == max_in_flight
+    # Eight requests of ~0.2 s, two at a time: the engine was busy ~0.8 s with ~2 requests.
+    busy = counter("sluice_engine_busy_seconds_total") - busy_before
+    held = counter("sluice_engine_request_seconds_total") - held_before
+    assert busy > 0.3
+    assert 1.0 < held / busy <= max_in_flight
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0

@@ -32,6 +32,7 @@ from shared.settings import Settings
 from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.offsets import OffsetTracker
 from workers.publisher import Publisher
+from workers.utilization import sample_utilization
 
 log = logging.getLogger("sluice.worker")
 
@@ -67,6 +68,7 @@ class Worker:
         background = [
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(sample_utilization(self.engine)),
         ]
         try:
             while not self.stopping.is_set():
