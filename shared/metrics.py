@@ -39,12 +39,6 @@ DEAD_LETTERED = Counter(
 )
 IN_FLIGHT = Gauge("sluice_worker_in_flight", "Requests this worker is serving")
 
-
-def serve_metrics(port: int) -> None:
-    """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP."""
-    start_http_server(port)
-
-
 # Saturation: rate(busy) is the fraction of wall time the engine had work;
 # rate(request_seconds) / rate(busy) is the mean number of requests in it while busy.
 ENGINE_BUSY = Counter(
@@ -54,3 +48,8 @@ ENGINE_REQUEST_SECONDS = Counter(
     "sluice_engine_request_seconds",
     "Time integral of the number of requests in the engine (running or queued inside it)",
 )
+
+
+def serve_metrics(port: int) -> None:
+    """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP."""
+    start_http_server(port)

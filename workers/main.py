@@ -49,6 +49,7 @@ class Worker:
         redis: Redis,
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -58,7 +59,7 @@ class Worker:
         self.publisher = Publisher(redis, settings)
         self.offsets = OffsetTracker()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.stopping = asyncio.Event()
+        self.stopping = stopping or asyncio.Event()
         self._freed = asyncio.Event()
         self._fatal: BaseException | None = None
 
@@ -73,7 +74,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 await self._poll_once()
-                await self._commit()
+                await self.commit()
             await self._drain()
         finally:
             for task in background:
@@ -133,7 +134,7 @@ class Worker:
             log.error("request at %s@%d failed outside the engine: %r", tp, offset, exc)
         self.offsets.finished(tp, offset)
 
-    async def _commit(self) -> None:
+    async def commit(self) -> None:
         ready = self.offsets.committable()
         if not ready:
             return
@@ -152,7 +153,7 @@ class Worker:
         for task in list(self.tasks):
             task.cancel()
         if self._fatal is None:
-            await self._commit()
+            await self.commit()
 
     # -- one request ------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Commit what finished while we still own it; the rest is redelivered to the new owner.
-        await self._worker._commit()
+        await self._worker.commit()
         self._worker.offsets.forget(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -262,9 +263,7 @@ async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None =
     redis = sredis.connect(settings)
     producer = kafka.make_producer(settings)
     consumer = kafka.make_consumer(settings)
-    worker = Worker(settings, engine, redis, consumer, producer)
-    if stop is not None:
-        worker.stopping = stop
+    worker = Worker(settings, engine, redis, consumer, producer, stopping=stop)
     consumer.subscribe([settings.requests_topic], listener=_Rebalance(worker))
     await producer.start()
     await consumer.start()
