@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,7 +47,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(128, ge=1)
 
     # Engine (vLLM); see docs/OPTIMIZATION.md
-    engine: str = "vllm"
+    engine: Literal["vllm", "transformers"] = "vllm"
     dtype: str = "float32"
     # none | int8 (weight-only, torchao, works on CPU and GPU) | any vLLM method, e.g. fp8 on GPU
     quantization: str = "none"

@@ -29,6 +29,7 @@ from shared.messages import (
     Usage,
 )
 from shared.settings import Settings
+from workers import engines
 from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.offsets import OffsetTracker
 from workers.publisher import Publisher
@@ -289,9 +290,7 @@ def main() -> None:
         metrics.serve_metrics(settings.worker_metrics_port)
 
     async def run() -> None:
-        from workers.engines.vllm import VllmEngine
-
-        engine = VllmEngine.start(settings)
+        engine = engines.start(settings)
         try:
             await serve(settings, engine)
         finally:
