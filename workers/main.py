@@ -31,6 +31,7 @@ from shared.messages import (
 from shared.settings import Settings
 from workers import engines
 from workers.engines.base import Engine, EngineDead, RequestRejected
+from workers.gpu import register_gpu_metrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Publisher
 from workers.utilization import sample_utilization
@@ -288,6 +289,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.worker_metrics_port:
         metrics.serve_metrics(settings.worker_metrics_port)
+        register_gpu_metrics()
 
     async def run() -> None:
         engine = engines.start(settings)
