@@ -4,7 +4,8 @@ sluice api | worker          run one process (configured by SLUICE_* variables)
 sluice up                    the whole stack on this machine (what `make run` does)
 sluice down                  stop what `sluice up` started
 sluice model prepare         convert the bundled default model once
-sluice bench                 serving benchmark (see docs/BENCHMARKS.md)
+sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv
+                             (see docs/BENCHMARKS.md; `sluice bench NAME --help`)
 """
 
 from __future__ import annotations
@@ -114,10 +115,15 @@ def _worker(args: argparse.Namespace) -> None:
     main()
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from bench.serving import main
+BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv")
 
-    main(args.rest)
+
+def _bench(args: argparse.Namespace) -> None:
+    import importlib
+
+    rest = args.rest
+    name = rest.pop(0) if rest and rest[0] in BENCHMARKS else "serving"
+    importlib.import_module(f"bench.{name}").main(rest)
 
 
 def main(argv: list[str] | None = None) -> None:
