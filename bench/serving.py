@@ -272,6 +272,21 @@ def machine() -> str:
     import os
 
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_model()}, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
     )
+
+
+def cpu_model() -> str:
+    """CPU model and the ISA extensions that decide bf16/int8 speed on CPU (they differ between
+    machines of the same kind, so every result records them)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu unknown"
+    first_cpu = info.split("\n\n")[0].splitlines()
+    fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first_cpu if ":" in ln)}
+    name = fields.get("model name", "?")
+    flags = set(fields.get("flags", "").split())
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"]
+    return f"{name} ({' '.join(f for f in wanted if f in flags) or 'no AVX2'})"
