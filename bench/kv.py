@@ -145,6 +145,7 @@ def plot(report: dict, out: Path) -> Path:
         ax2.bar(shifted, pre, width=widths, color=color, alpha=0.3, label=f"{cache} preemptions")
     ax.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens/s")
     ax.set_xticks(report["config"]["concurrency"], labels=report["config"]["concurrency"])
+    ax.set_xticks([], minor=True)
     ax2.set_ylabel("preemptions")
     ax.set_title("KV cache pressure (vLLM)")
     ax.grid(alpha=0.3)

@@ -23,3 +23,19 @@ def test_int8_weight_only_runs_in_vllm(model_ready: None, tmp_path: Path) -> Non
 def test_quantization_setting_maps_to_vllm(quantization: str, expected: str | None) -> None:
     args = engine_args(Settings(model="/any/hf/dir", quantization=quantization))
     assert args.get("quantization") == expected
+
+
+async def test_int8_weight_only_runs_in_the_transformers_engine(model_ready: None) -> None:
+    from torchao.utils import TorchAOBaseTensor
+
+    from tests.test_transformers_engine import request, run
+    from workers.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine.start(Settings(quantization="int8"))
+    try:
+        proj = engine._model.model.layers[0].self_attn.q_proj.weight
+        assert isinstance(proj, TorchAOBaseTensor)  # quantized, not merely cast
+        text, _, _ = await run(engine, request("The capital of France is", max_tokens=8))
+        assert "Paris" in text
+    finally:
+        await engine.shutdown()
