@@ -1,6 +1,7 @@
 """`sluice`: one command for every Sluice process.
 
-sluice api | worker          run one process (configured by SLUICE_* variables)
+sluice api | worker | ingestion   run one process (configured by SLUICE_* variables)
+sluice ingest PATH...        send files/folders (.txt .md .html .pdf) to ingestion
 sluice up                    the whole stack on this machine (what `make run` does)
 sluice down                  stop what `sluice up` started
 sluice model prepare         convert the bundled default model once
@@ -20,9 +21,13 @@ import time
 from pathlib import Path
 
 RUN_DIR = Path(".run")
+SAMPLES = Path(__file__).resolve().parent / "data"
 CURL_EXAMPLE = """\
 curl -N {url}/generate -H 'content-type: application/json' \\
   -d '{{"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0, "stream": true}}'"""  # noqa: E501
+RAG_EXAMPLE = """\
+curl -N {url}/rag-generate -H 'content-type: application/json' \\
+  -d '{{"query": "How does a worker decide when to commit a Kafka offset?", "stream": true}}'"""
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -40,8 +45,15 @@ def _up(args: argparse.Namespace) -> None:
     redis_host, redis_port = devstack.host_port(settings.redis, 6379)
     if not devstack.port_open(redis_host, redis_port):
         services["redis"] = devstack.start_redis(redis_port, RUN_DIR / "redis.log")
+    if settings.vector_store == "milvus" and settings.milvus_uri.startswith("http"):
+        milvus_host, milvus_port = devstack.host_port(settings.milvus_uri, 19530)
+        if not devstack.port_open(milvus_host, milvus_port):
+            services["milvus"] = devstack.start_milvus(
+                milvus_port, settings.milvus_data_dir, RUN_DIR / "milvus.log"
+            )
     stack = devstack.LocalStack(settings, RUN_DIR)
     stack.start_worker()
+    stack.start_ingestion()
     stack.start_api()
     everything = [*services.values(), *stack.processes()]
     (RUN_DIR / "pids.json").write_text(json.dumps([os.getpid(), *(p.pid for p in everything)]))
@@ -56,19 +68,32 @@ def _up(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    started = ", ".join([*services, "worker", "API"])
+    started = ", ".join([*services, "worker", "ingestion", "API"])
     print(f"starting {started} (logs in {RUN_DIR}/); the engine takes ~1-2 min on CPU")
     try:
         stack.wait_ready()
     except (RuntimeError, TimeoutError) as e:
         print(e)
         shutdown()
+    _ingest_samples(settings)
     print(f"\nSluice is ready at {stack.url}\n\n{CURL_EXAMPLE.format(url=stack.url)}\n")
+    print(f"Ask the sample documents (data/):\n\n{RAG_EXAMPLE.format(url=stack.url)}\n")
     print("Ctrl-C (or `make stop`) stops everything started here.")
     while all(p.poll() is None for p in everything):
         time.sleep(1)
     print(f"a process exited; see the logs in {RUN_DIR}/")
     shutdown()
+
+
+def _ingest_samples(settings: object) -> None:
+    """The sample documents, so a new user can ask a question right away (unchanged ones
+    cost nothing on a second `make run`)."""
+    import asyncio
+
+    from ingestion.submit import submit
+
+    print("ingesting the sample documents in data/")
+    asyncio.run(submit(settings, [SAMPLES], wait_s=120))  # type: ignore[arg-type]
 
 
 def _down(args: argparse.Namespace) -> None:
@@ -115,6 +140,27 @@ def _worker(args: argparse.Namespace) -> None:
     main()
 
 
+def _ingestion(args: argparse.Namespace) -> None:
+    from ingestion.main import main
+
+    main()
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from ingestion.submit import submit
+    from shared.settings import Settings
+
+    statuses = asyncio.run(submit(Settings(), args.paths, wait_s=args.wait))
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no files")
+    if counts.get("failed"):
+        sys.exit(1)
+
+
 BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv")
 
 
@@ -133,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("api", help="run the HTTP API").set_defaults(fn=_api)
     sub.add_parser("worker", help="run a worker (Kafka -> vLLM -> Redis)").set_defaults(fn=_worker)
+    sub.add_parser("ingestion", help="run the ingestion consumer").set_defaults(fn=_ingestion)
+    ingest = sub.add_parser("ingest", help="send files or folders to ingestion")
+    ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument(
+        "--wait", type=float, default=300.0, help="seconds to wait for indexing (0: do not wait)"
+    )
+    ingest.set_defaults(fn=_ingest)
     sub.add_parser("up", help="run the whole stack locally").set_defaults(fn=_up)
     sub.add_parser("down", help="stop what `sluice up` started").set_defaults(fn=_down)
     model = sub.add_parser("model", help="model preparation")

@@ -3,22 +3,40 @@ over Redis (see api/serving.py and api/streaming.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
+from api.documents import DocumentsHandler
+from api.errors import invalid_field
 from api.health import readiness
 from api.middleware import RequestMetrics
-from api.schemas import GenerateBody, GenerateResponse
+from api.rag import PromptTemplate, RagHandler
+from api.schemas import (
+    DocumentAccepted,
+    DocumentBody,
+    GenerateBody,
+    GenerateResponse,
+    RagGenerateBody,
+    RagGenerateResponse,
+    RetrieveBody,
+    RetrieveResponse,
+)
 from api.serving import GenerateHandler
 from api.streaming import StreamHub
 from shared import kafka
 from shared import redis as sredis
+from shared.documents import DocumentStatus
+from shared.embeddings import Embedder
 from shared.models import model_path
 from shared.settings import Settings
 
@@ -37,9 +55,14 @@ def create_app(settings: Settings) -> FastAPI:
         await hub.start()
         app.state.redis, app.state.producer = redis, producer
         app.state.generate = GenerateHandler(settings, tokenizer, producer, hub)
+        app.state.documents = DocumentsHandler(settings, producer, redis)
+        embedder = await asyncio.to_thread(Embedder.load, settings)
+        template = PromptTemplate.load(settings.rag_prompt_template)
+        app.state.rag = RagHandler(settings, app.state.generate, embedder, template)
         try:
             yield
         finally:
+            app.state.rag.close()
             await hub.stop()
             await producer.stop()
             await redis.aclose()
@@ -53,6 +76,43 @@ def create_app(settings: Settings) -> FastAPI:
         if body.stream:
             return await handler.stream(body)
         return await handler.complete(body)
+
+    @app.post("/rag-generate", response_model=RagGenerateResponse)
+    async def rag_generate(
+        body: RagGenerateBody, request: Request
+    ) -> Response | RagGenerateResponse:
+        return await request.app.state.rag.answer(body)
+
+    @app.post("/retrieve", response_model=RetrieveResponse)
+    async def retrieve(body: RetrieveBody, request: Request) -> RetrieveResponse:
+        return await request.app.state.rag.ranked(body)
+
+    @app.post("/documents", status_code=202, response_model=DocumentAccepted)
+    async def add_document(request: Request) -> DocumentAccepted:
+        """JSON (`DocumentBody`) or a multipart upload: `file`, optional `doc_id`, `title`,
+        `metadata` (a JSON object)."""
+        handler: DocumentsHandler = request.app.state.documents
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                raise invalid_field("file", "a multipart upload needs a 'file' part")
+            fields = {k: form.get(k) for k in ("doc_id", "title", "metadata")}
+            strings = {k: v if isinstance(v, str) else None for k, v in fields.items()}
+            return await handler.add_upload(file, **strings)
+        try:
+            body = DocumentBody.model_validate(await request.json())
+        except ValueError as e:
+            raise RequestValidationError(_errors(e)) from e
+        return await handler.add_json(body)
+
+    @app.get("/documents/{doc_id:path}", response_model=DocumentStatus)
+    async def document_status(doc_id: str, request: Request) -> DocumentStatus:
+        return await request.app.state.documents.status(doc_id)
+
+    @app.delete("/documents/{doc_id:path}", status_code=202, response_model=DocumentAccepted)
+    async def delete_document(doc_id: str, request: Request) -> DocumentAccepted:
+        return await request.app.state.documents.delete(doc_id)
 
     @app.get("/health")
     async def health(request: Request, ready: bool = False) -> JSONResponse:
@@ -70,6 +130,13 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _errors(e: ValueError) -> list[dict]:
+    """A body that is not JSON or fails DocumentBody, in FastAPI's 422 shape."""
+    if isinstance(e, ValidationError):
+        return [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+    return [{"type": "json_invalid", "loc": ("body",), "msg": f"not JSON: {e}", "input": None}]
 
 
 def main() -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.messages import FinishReason, PromptInput, SamplingOptions, Timings, Usage
+from shared.messages import (
+    FinishReason,
+    MetadataValue,
+    PromptInput,
+    SamplingOptions,
+    Timings,
+    Usage,
+)
 
 
 class GenerateBody(PromptInput, SamplingOptions):
@@ -34,3 +41,84 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+
+
+# --- Documents and retrieval (docs/RAG.md)
+
+DOC_ID = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@-]+$")
+FilterValue = MetadataValue | list[MetadataValue]
+
+
+class DocumentBody(BaseModel):
+    """`POST /documents` as JSON; files go as multipart uploads instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    doc_id: str | None = DOC_ID  # default: derived from the content, so a resend is a no-op
+    text: str = Field(..., min_length=1)
+    title: str | None = Field(None, max_length=1000)
+    source: str = Field("", max_length=1000)
+    content_type: Literal["text/plain", "text/markdown", "text/html"] = "text/plain"
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must not be blank")
+        return text
+
+
+class DocumentAccepted(BaseModel):
+    doc_id: str
+    status: str
+
+
+class RetrieveBody(BaseModel):
+    """`POST /retrieve`: ranked chunks, no generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(..., min_length=1, max_length=4000)
+    top_k: int = Field(4, ge=1, le=50)
+    filters: dict[str, FilterValue] | None = None
+    # hybrid = dense + BM25 fused by reciprocal rank; default from SLUICE_RAG_HYBRID
+    mode: Literal["hybrid", "dense", "bm25"] | None = None
+    mmr: bool = False  # diversify: drop passages that repeat better-ranked ones
+    min_score: float | None = Field(None, ge=-1, le=1)  # on the dense cosine similarity
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("must not be blank")
+        return query
+
+
+class Source(BaseModel):
+    n: int  # the passage number the answer cites as [n]
+    doc_id: str
+    chunk_id: str
+    source: str
+    title: str
+    score: float
+    snippet: str
+
+
+class RetrieveResponse(BaseModel):
+    results: list[Source]
+
+
+class RagGenerateBody(RetrieveBody):
+    """`POST /rag-generate`: retrieval fields plus /generate's sampling fields."""
+
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+class RagGenerateResponse(GenerateResponse):
+    sources: list[Source]

@@ -10,9 +10,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from fastapi import HTTPException
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
+from api.errors import invalid_field
 from api.schemas import GenerateBody, GenerateResponse
 from api.streaming import Clock, Event, RequestFailed, StreamHub, collect, events, sse_frames
 from shared.messages import GenerationRequest
@@ -20,13 +20,6 @@ from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
-    """The same 422 shape FastAPI gives for schema errors, for checks the schema cannot do."""
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}]
-    )
 
 
 class GenerateHandler:
@@ -42,7 +35,7 @@ class GenerateHandler:
         """The wire message, or a 422 naming the field, before anything is enqueued."""
         limit = self.settings.max_tokens_limit
         if body.max_tokens is not None and body.max_tokens > limit:
-            raise _invalid(
+            raise invalid_field(
                 "max_tokens", f"must be <= {limit} (SLUICE_MAX_TOKENS_LIMIT)", body.max_tokens
             )
         sampling = body.sampling(min(self.settings.default_max_tokens, limit))
@@ -50,7 +43,7 @@ class GenerateHandler:
         context = self.settings.max_model_len
         if n_prompt + sampling.max_tokens > context:
             field = "prompt" if body.prompt is not None else "messages"
-            raise _invalid(
+            raise invalid_field(
                 field,
                 f"is {n_prompt} tokens; with max_tokens={sampling.max_tokens} that exceeds "
                 f"the model's context of {context} tokens",
@@ -79,13 +72,16 @@ class GenerateHandler:
             raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
         return queue
 
-    async def stream(self, body: GenerateBody) -> StreamingResponse:
+    async def stream(self, body: GenerateBody, prelude: bytes = b"") -> StreamingResponse:
+        """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first."""
         message = self.to_message(body)
         clock = Clock(time.monotonic())
         queue = await self._submit(message)
 
         async def frames() -> AsyncIterator[bytes]:
             try:
+                if prelude:
+                    yield prelude
                 async for frame in sse_frames(
                     events(queue, clock, self.settings.request_timeout_s)
                 ):

@@ -77,6 +77,19 @@ def start_redis(port: int, log_path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def start_milvus(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Milvus Lite as a gRPC server: several processes (API, ingestion) can share it, which
+    they cannot do with a Milvus Lite file (one process holds it). Same client code as a
+    Milvus standalone server."""
+    cmd = [
+        sys.executable, "-m", "milvus_lite", "server",
+        "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    proc = _spawn(cmd, log_path)
+    wait_port("127.0.0.1", port, timeout_s=60)
+    return proc
+
+
 def _spawn(
     cmd: list[str], log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -115,6 +128,7 @@ class LocalStack:
         self.env = settings_env(settings)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.api: subprocess.Popen[bytes] | None = None
+        self.ingestion: subprocess.Popen[bytes] | None = None
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         n = len(self.workers)
@@ -130,8 +144,11 @@ class LocalStack:
     def start_api(self) -> None:
         self.api = spawn_sluice(["api"], self.log_dir / "api.log", self.env)
 
+    def start_ingestion(self) -> None:
+        self.ingestion = spawn_sluice(["ingestion"], self.log_dir / "ingestion.log", self.env)
+
     def processes(self) -> list[subprocess.Popen[bytes]]:
-        return [p for p in (self.api, *self.workers) if p is not None]
+        return [p for p in (self.api, self.ingestion, *self.workers) if p is not None]
 
     def ready(self) -> bool:
         try:
@@ -152,8 +169,9 @@ class LocalStack:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.api is not None:
-            stop(self.api)
+        for proc in (self.api, self.ingestion):
+            if proc is not None:
+                stop(proc)
         self.stop_workers()
 
 

