@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from ingestion.chunking import Chunker
 from ingestion.loaders import LoadedText, LoadError, load
-from shared import kafka, metrics
+from shared import kafka
 from shared import redis as sredis
 from shared.documents import DocumentStatus, set_status
 from shared.embeddings import Embedder
@@ -151,19 +151,7 @@ class Ingester:
             await set_status(self.redis, self.settings, failed)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        log.warning(
-            "dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, reason
-        )
-        headers = [
-            ("sluice.dlq.reason", reason.encode()),
-            ("sluice.dlq.topic", record.topic.encode()),
-            ("sluice.dlq.partition", str(record.partition).encode()),
-            ("sluice.dlq.offset", str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(
-            self.settings.ingest_dlq_topic, value=record.value, key=record.key, headers=headers
-        )
-        metrics.DEAD_LETTERED.labels(record.topic).inc()
+        await kafka.dead_letter(self.producer, self.settings.ingest_dlq_topic, record, reason)
 
 
 def _chunks(

@@ -12,7 +12,9 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
 
+from shared import metrics
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,3 +75,21 @@ async def kafka_reachable(producer: AIOKafkaProducer, timeout_s: float = 2.0) ->
     except Exception:
         return False
     return True
+
+
+async def dead_letter(
+    producer: AIOKafkaProducer, dlq_topic: str, record: ConsumerRecord, reason: str
+) -> None:
+    """Park a message that can never be processed on `dlq_topic`, unchanged, with where it came
+    from and why in headers, so that it is neither lost nor retried forever."""
+    log.warning(
+        "dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, reason
+    )
+    headers = [
+        ("sluice.dlq.reason", reason.encode()),
+        ("sluice.dlq.topic", record.topic.encode()),
+        ("sluice.dlq.partition", str(record.partition).encode()),
+        ("sluice.dlq.offset", str(record.offset).encode()),
+    ]
+    await producer.send_and_wait(dlq_topic, value=record.value, key=record.key, headers=headers)
+    metrics.DEAD_LETTERED.labels(record.topic).inc()

@@ -203,19 +203,7 @@ class Worker:
         await self.publisher.finish(rid, done)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        log.warning(
-            "dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, reason
-        )
-        headers = [
-            ("sluice.dlq.reason", reason.encode()),
-            ("sluice.dlq.topic", record.topic.encode()),
-            ("sluice.dlq.partition", str(record.partition).encode()),
-            ("sluice.dlq.offset", str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(
-            self.settings.dlq_topic, value=record.value, key=record.key, headers=headers
-        )
-        metrics.DEAD_LETTERED.labels(record.topic).inc()
+        await kafka.dead_letter(self.producer, self.settings.dlq_topic, record, reason)
 
     async def _heartbeat(self) -> None:
         while True:
