@@ -5,7 +5,8 @@ sluice ingest PATH...        send files/folders (.txt .md .html .pdf) to ingesti
 sluice up                    the whole stack on this machine (what `make run` does)
 sluice down                  stop what `sluice up` started
 sluice model prepare         convert the bundled default model once
-sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv
+sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
+sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv, rag
                              (see docs/BENCHMARKS.md; `sluice bench NAME --help`)
 """
 
@@ -161,7 +162,7 @@ def _ingest(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv")
+BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv", "rag")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -170,6 +171,14 @@ def _bench(args: argparse.Namespace) -> None:
     rest = args.rest
     name = rest.pop(0) if rest and rest[0] in BENCHMARKS else "serving"
     importlib.import_module(f"bench.{name}").main(rest)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from bench.retrieval import main
+
+    if not args.rest or args.rest[0] != "retrieval":
+        sys.exit("usage: sluice eval retrieval FILE.jsonl [--modes ...] [--out F.json]")
+    main(args.rest[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     model.set_defaults(fn=_model)
     # The benchmark parses its own options (`sluice bench --help`).
     sub.add_parser("bench", help="serving benchmark", add_help=False).set_defaults(fn=_bench)
+    sub.add_parser("eval", help="retrieval evaluation", add_help=False).set_defaults(fn=_eval)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.fn is not _bench:
+    if rest and args.fn not in (_bench, _eval):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     args.fn(args)
