@@ -10,20 +10,15 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from api.documents import DocumentsHandler
-from api.errors import invalid_field
 from api.health import readiness
 from api.middleware import RequestMetrics
 from api.rag import PromptTemplate, RagHandler
 from api.schemas import (
     DocumentAccepted,
-    DocumentBody,
     GenerateBody,
     GenerateResponse,
     RagGenerateBody,
@@ -91,20 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def add_document(request: Request) -> DocumentAccepted:
         """JSON (`DocumentBody`) or a multipart upload: `file`, optional `doc_id`, `title`,
         `metadata` (a JSON object)."""
-        handler: DocumentsHandler = request.app.state.documents
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                raise invalid_field("file", "a multipart upload needs a 'file' part")
-            fields = {k: form.get(k) for k in ("doc_id", "title", "metadata")}
-            strings = {k: v if isinstance(v, str) else None for k, v in fields.items()}
-            return await handler.add_upload(file, **strings)
-        try:
-            body = DocumentBody.model_validate(await request.json())
-        except ValueError as e:
-            raise RequestValidationError(_errors(e)) from e
-        return await handler.add_json(body)
+        return await request.app.state.documents.add(request)
 
     @app.get("/documents/{doc_id:path}", response_model=DocumentStatus)
     async def document_status(doc_id: str, request: Request) -> DocumentStatus:
@@ -130,13 +112,6 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _errors(e: ValueError) -> list[dict]:
-    """A body that is not JSON or fails DocumentBody, in FastAPI's 422 shape."""
-    if isinstance(e, ValidationError):
-        return [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
-    return [{"type": "json_invalid", "loc": ("body",), "msg": f"not JSON: {e}", "input": None}]
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ import json
 import time
 
 from aiokafka import AIOKafkaProducer
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from starlette.datastructures import UploadFile
@@ -28,6 +29,22 @@ class DocumentsHandler:
         self.settings = settings
         self.producer = producer
         self.redis = redis
+
+    async def add(self, request: Request) -> DocumentAccepted:
+        """JSON (`DocumentBody`) or a multipart upload, by the request's content type."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                raise invalid_field("file", "a multipart upload needs a 'file' part")
+            fields = {k: form.get(k) for k in ("doc_id", "title", "metadata")}
+            strings = {k: v if isinstance(v, str) else None for k, v in fields.items()}
+            return await self.add_upload(file, **strings)
+        try:
+            body = DocumentBody.model_validate(await request.json())
+        except ValueError as e:
+            raise RequestValidationError(_errors(e)) from e
+        return await self.add_json(body)
 
     async def add_json(self, body: DocumentBody) -> DocumentAccepted:
         if len(body.text.encode()) > self.settings.max_document_bytes:
@@ -97,3 +114,10 @@ class DocumentsHandler:
 def _too_large(settings: Settings) -> HTTPException:
     limit = settings.max_document_bytes
     return HTTPException(413, f"document is larger than {limit} bytes (SLUICE_MAX_DOCUMENT_BYTES)")
+
+
+def _errors(e: ValueError) -> list[dict]:
+    """A body that is not JSON or fails DocumentBody, in FastAPI's 422 shape."""
+    if isinstance(e, ValidationError):
+        return [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+    return [{"type": "json_invalid", "loc": ("body",), "msg": f"not JSON: {e}", "input": None}]
