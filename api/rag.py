@@ -103,7 +103,7 @@ class RagHandler:
                 await self.store(),
                 self.embedder,
                 body.query,
-                body.top_k,
+                body.top_k or self.settings.rag_top_k,
                 body.filters,
                 mode=mode,
                 mmr=body.mmr,

@@ -80,7 +80,7 @@ class RetrieveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(..., min_length=1, max_length=4000)
-    top_k: int = Field(4, ge=1, le=50)
+    top_k: int | None = Field(None, ge=1, le=50)  # default: SLUICE_RAG_TOP_K
     filters: dict[str, FilterValue] | None = None
     # hybrid = dense + BM25 fused by reciprocal rank; default from SLUICE_RAG_HYBRID
     mode: Literal["hybrid", "dense", "bm25"] | None = None
