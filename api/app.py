@@ -4,6 +4,7 @@ over Redis (see api/serving.py and api/streaming.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from api.schemas import (
 )
 from api.serving import GenerateHandler
 from api.streaming import StreamHub
-from shared import kafka
+from shared import kafka, metrics
 from shared import redis as sredis
 from shared.documents import DocumentStatus
 from shared.embeddings import Embedder
@@ -108,7 +109,11 @@ def create_app(settings: Settings) -> FastAPI:
         return await health(request, ready=True)
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        # Read at scrape time: Redis holds one heartbeat per live worker.
+        with contextlib.suppress(Exception):  # Redis down: the gauge keeps its last value
+            workers = await sredis.live_workers(request.app.state.redis, settings)
+            metrics.LIVE_WORKERS.set(len(workers))
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -8,6 +8,7 @@ limits and errors behave the same; /rag-generate only adds the passages to the p
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -24,6 +25,7 @@ from api.schemas import (
 )
 from api.serving import GenerateHandler
 from api.streaming import sse
+from shared import metrics
 from shared.embeddings import Embedder
 from shared.messages import ChatMessage
 from shared.prompts import prompt_token_ids
@@ -97,8 +99,9 @@ class RagHandler:
     async def retrieve(self, body: RetrieveBody) -> list[Retrieved]:
         mode = body.mode or ("hybrid" if self.settings.rag_hybrid else "dense")
         min_score = body.min_score if body.min_score is not None else self.settings.rag_min_score
+        start = time.perf_counter()
         try:
-            return await asyncio.to_thread(
+            hits = await asyncio.to_thread(
                 retrieve,
                 await self.store(),
                 self.embedder,
@@ -113,6 +116,8 @@ class RagHandler:
             raise invalid_field("mode", f"{self.settings.vector_store} has no BM25: {e}") from e
         except ValueError as e:  # a filter the store cannot express
             raise invalid_field("filters", str(e), body.filters) from e
+        metrics.RETRIEVAL_LATENCY.labels(mode).observe(time.perf_counter() - start)
+        return hits
 
     async def ranked(self, body: RetrieveBody) -> RetrieveResponse:
         return RetrieveResponse(results=sources(await self.retrieve(body)))

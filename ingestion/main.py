@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from ingestion.chunking import Chunker
 from ingestion.loaders import LoadedText, LoadError, load
-from shared import kafka
+from shared import kafka, metrics
 from shared import redis as sredis
 from shared.documents import DocumentStatus, set_status
 from shared.embeddings import Embedder
@@ -78,6 +78,8 @@ class Ingester:
             await self._reject(record, reason, doc.doc_id, doc.source)
             return
         await set_status(self.redis, self.settings, status)
+        outcome = "unchanged" if unchanged else status.status
+        metrics.INGESTED_DOCUMENTS.labels(outcome).inc()
         log.info(
             "%s %s: %s, %d chunks, %.0f ms",
             doc.action,
@@ -100,6 +102,7 @@ class Ingester:
             chunks = _chunks(doc, loaded, texts, content_hash)
             vectors = await self._embed(texts)
             await asyncio.to_thread(self.store.upsert, chunks, vectors)
+            metrics.INGESTED_CHUNKS.inc(len(chunks))
             # After the upsert, so a reader never finds the document missing.
             await asyncio.to_thread(self.store.delete_stale, doc.doc_id, content_hash)
         status = DocumentStatus(
@@ -146,6 +149,7 @@ class Ingester:
         self, record: ConsumerRecord, reason: str, doc_id: str | None, source: str = ""
     ) -> None:
         await self._dead_letter(record, reason)
+        metrics.INGESTED_DOCUMENTS.labels("failed").inc()
         if doc_id is not None:
             failed = DocumentStatus(doc_id=doc_id, status="failed", error=reason, source=source)
             await set_status(self.redis, self.settings, failed)
@@ -227,12 +231,14 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
     ingester = Ingester(settings, embedder, store, redis, producer)
+    lag = asyncio.create_task(kafka.report_lag(consumer, group))
     try:
         await producer.start()
         await consumer.start()
         log.info("ingesting %s into %s (group %s)", settings.ingest_topic, store.name, group)
         await consume(ingester, consumer, stopping)
     finally:
+        lag.cancel()
         await consumer.stop()
         await producer.stop()
         await redis.aclose()
@@ -241,6 +247,8 @@ async def serve(
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.ingestion_metrics_port:
+        metrics.serve_metrics(settings.ingestion_metrics_port)
     embedder = Embedder.load(settings)
     store = open_store(settings, embedder.dim)
     try:

@@ -93,3 +93,23 @@ async def dead_letter(
     ]
     await producer.send_and_wait(dlq_topic, value=record.value, key=record.key, headers=headers)
     metrics.DEAD_LETTERED.labels(record.topic).inc()
+
+
+async def report_lag(consumer: AIOKafkaConsumer, group: str, interval_s: float = 1.0) -> None:
+    """Keep `sluice_kafka_consumer_lag` current for the partitions this consumer holds
+    (runs until cancelled)."""
+    reported: set[tuple[str, str, str]] = set()
+    while True:
+        await asyncio.sleep(interval_s)
+        current = set()
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:  # nothing fetched from it yet
+                continue
+            labels = (tp.topic, str(tp.partition), group)
+            lag = max(0, highwater - await consumer.position(tp))
+            metrics.KAFKA_LAG.labels(*labels).set(lag)
+            current.add(labels)
+        for labels in reported - current:  # moved to another consumer by a rebalance
+            metrics.KAFKA_LAG.remove(*labels)
+        reported = current

@@ -38,6 +38,26 @@ DEAD_LETTERED = Counter(
     "sluice_dead_lettered", "Messages moved to the dead-letter topic", ["topic"]
 )
 IN_FLIGHT = Gauge("sluice_worker_in_flight", "Requests this worker is serving")
+# From the consumer's own fetch responses (highwater) and position, not from ListOffsets: that
+# is right on the dev broker too, where ListOffsets(latest) is not (../shared/STACK.md).
+KAFKA_LAG = Gauge(
+    "sluice_kafka_consumer_lag",
+    "Records in the partition this consumer has not fetched yet (highwater - position)",
+    ["topic", "partition", "group"],
+)
+LIVE_WORKERS = Gauge("sluice_live_workers", "Workers with a fresh heartbeat in Redis")
+
+# Ingestion and retrieval
+INGESTED_DOCUMENTS = Counter(
+    "sluice_ingested_documents", "Documents handled by ingestion, by outcome", ["outcome"]
+)
+INGESTED_CHUNKS = Counter("sluice_ingested_chunks", "Chunks embedded and written to the store")
+RETRIEVAL_LATENCY = Histogram(
+    "sluice_retrieval_latency_seconds",
+    "Query embedding + vector store search, per /retrieve or /rag-generate",
+    ["mode"],
+    buckets=_LATENCY_BUCKETS,
+)
 
 # Saturation: rate(busy) is the fraction of wall time the engine had work;
 # rate(request_seconds) / rate(busy) is the mean number of requests in it while busy.

