@@ -41,6 +41,7 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    cost_usd: float | None = None
 
 
 # --- Documents and retrieval (docs/RAG.md)

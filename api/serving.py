@@ -108,4 +108,5 @@ class GenerateHandler:
             finish_reason=done.finish_reason,
             usage=done.usage,
             timings=done.timings,
+            cost_usd=done.cost_usd,
         )

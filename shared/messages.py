@@ -103,6 +103,8 @@ class DoneEvent(_Strict):
     usage: Usage
     # Measured by the worker from `enqueued_at`; the API replaces ttft/e2e with its own clock.
     timings: Timings
+    # Engine time attributed to this request by token share, at the instance price
+    cost_usd: float | None = None
 
 
 class ErrorEvent(_Strict):

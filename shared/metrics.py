@@ -47,6 +47,20 @@ KAFKA_LAG = Gauge(
 )
 LIVE_WORKERS = Gauge("sluice_live_workers", "Workers with a fresh heartbeat in Redis")
 
+# Cost (workers/cost.py): engine time shared among batched requests by token share
+REQUEST_COST = Histogram(
+    "sluice_request_cost_dollars",
+    "Engine cost of one request at the configured instance price",
+    buckets=(1e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 1.0),
+)
+COST_TOTAL = Counter(
+    "sluice_cost_dollars", "Engine cost of finished requests", ["model_name", "tenant"]
+)
+ENGINE_ATTRIBUTED = Counter(
+    "sluice_engine_attributed_seconds",
+    "Engine seconds attributed to finished requests (compare with sluice_engine_busy_seconds)",
+)
+
 # Ingestion and retrieval
 INGESTED_DOCUMENTS = Counter(
     "sluice_ingested_documents", "Documents handled by ingestion, by outcome", ["outcome"]

@@ -5,6 +5,7 @@ test_generate_e2e.py, never with this."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from shared.messages import GenerationRequest
@@ -20,12 +21,16 @@ class FakeEngine:
         self.running: set[str] = set()
         self.max_running = 0
         self.started = asyncio.Event()
+        # Wall span in which the engine had work (tests compare cost attribution with it).
+        self.busy_since: float | None = None
+        self.busy_until: float | None = None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.prompt == "reject me":
             raise RequestRejected("prompt refused by the fake engine")
         self.running.add(request.request_id)
         self.started.set()
+        self.busy_since = self.busy_since or time.monotonic()
         self.max_running = max(self.max_running, len(self.running))
         try:
             n = request.sampling.max_tokens
@@ -39,6 +44,7 @@ class FakeEngine:
                 )
         finally:
             self.running.discard(request.request_id)
+            self.busy_until = time.monotonic()
 
     async def abort(self, request_id: str) -> None:
         self.running.discard(request_id)

@@ -58,6 +58,8 @@ async def test_streamed_greedy_matches_vllm_and_non_streamed(
     assert done["finish_reason"] in ("stop", "length")
     assert set(done["timings"]) == {"queue_ms", "ttft_ms", "e2e_ms"}
     assert 0 <= done["timings"]["ttft_ms"] <= done["timings"]["e2e_ms"]
+    # Engine time at the instance price; far below a cent for 24 tokens of a 135M model.
+    assert 0 < done["cost_usd"] < 0.01
 
     r = await client.post("/generate", json=greedy(prompt))
     assert r.status_code == 200, r.text
@@ -66,6 +68,7 @@ async def test_streamed_greedy_matches_vllm_and_non_streamed(
     assert body["request_id"] != done["request_id"]
     assert body["usage"] == done["usage"]
     assert body["finish_reason"] == done["finish_reason"]
+    assert 0 < body["cost_usd"] < 0.01
 
 
 async def test_chat_messages_use_the_chat_template(client: httpx.AsyncClient) -> None:

@@ -234,3 +234,21 @@ def lag(topic: str) -> float:
         for sample in family.samples
         if sample.labels["topic"] == topic
     )
+
+
+async def test_engine_time_is_shared_among_batched_requests(services: Services) -> None:
+    """N identical concurrent requests each cost ~1/N of the engine time, and together the
+    engine's busy time: batching is not double counted."""
+    settings = make_settings(services, instance_hourly_usd=3.6)  # $0.001 per engine second
+    engine = FakeEngine(token_delay_s=0.05)
+    requests = [req(max_tokens=20) for _ in range(4)]
+    events = await listen(settings, [r.request_id for r in requests])
+    async with worker(settings, engine):
+        await produce(settings, *(r.model_dump_json().encode() for r in requests))
+        done = [e async for _, e in events if isinstance(e, DoneEvent)]
+    seconds = [d.cost_usd / 0.001 for d in done if d.cost_usd is not None]
+    assert len(seconds) == 4
+    busy = engine.busy_until - engine.busy_since  # ~1 s: 20 tokens x 50 ms, all at once
+    assert sum(seconds) == pytest.approx(busy, rel=0.05)
+    for s in seconds:
+        assert s == pytest.approx(busy / 4, rel=0.15)

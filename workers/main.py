@@ -30,6 +30,7 @@ from shared.messages import (
 )
 from shared.settings import Settings
 from workers import engines
+from workers.cost import CostMeter
 from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.gpu import register_gpu_metrics
 from workers.offsets import OffsetTracker
@@ -60,6 +61,7 @@ class Worker:
         self.producer = producer
         self.publisher = Publisher(redis, settings)
         self.offsets = OffsetTracker()
+        self.cost = CostMeter(settings, engine.model)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = stopping or asyncio.Event()
         self._freed = asyncio.Event()
@@ -71,7 +73,7 @@ class Worker:
         background = [
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(sample_utilization(self.engine)),
+            asyncio.create_task(sample_utilization(self.engine, self.cost)),
             asyncio.create_task(kafka.report_lag(self.consumer, self.settings.consumer_group)),
         ]
         try:
@@ -160,24 +162,29 @@ class Worker:
 
     # -- one request ------------------------------------------------------------------------
 
-    async def _serve(self, request: GenerationRequest, record: ConsumerRecord) -> None:
+    async def _generate(self, request: GenerationRequest, record: ConsumerRecord) -> None:
         rid = request.request_id
         picked_at = time.time()
         next_index = 0
         first_token_at: float | None = None
         prompt_tokens = 0
         finish_reason = "stop"
+        self.cost.start(rid)
         try:
             async for delta in self.engine.generate(request):
                 prompt_tokens = delta.prompt_tokens
                 finish_reason = delta.finish_reason or finish_reason
                 if delta.num_tokens == 0:
                     continue
+                # The prompt's tokens count once, with the first token (it was prefilled).
+                prefilled = prompt_tokens if first_token_at is None else 0
+                self.cost.tokens(rid, delta.num_tokens + prefilled)
                 if first_token_at is None:
                     first_token_at = time.time()
                 self.publisher.tokens(rid, _tokens(next_index, delta.num_tokens, delta.text))
                 next_index += delta.num_tokens
         except RequestRejected as e:
+            self.cost.finish(rid)
             await self._dead_letter(record, f"rejected by engine: {e}")
             await self.publisher.finish(rid, ErrorEvent(request_id=rid, message=str(e)))
             return
@@ -185,11 +192,13 @@ class Worker:
             raise
         except Exception as e:
             log.exception("request %s failed", rid)
+            self.cost.finish(rid)
             await self.publisher.finish(
                 rid, ErrorEvent(request_id=rid, message=f"engine error: {e}")
             )
             return
         now = time.time()
+        _, dollars = self.cost.finish(rid)
         done = DoneEvent(
             request_id=rid,
             finish_reason=finish_reason,  # type: ignore[arg-type]
@@ -199,9 +208,16 @@ class Worker:
                 ttft_ms=_ms_since(request.enqueued_at, first_token_at or now),
                 e2e_ms=_ms_since(request.enqueued_at, now),
             ),
+            cost_usd=dollars,
         )
         # Only once the done event is in Redis does the request count as finished in Kafka.
         await self.publisher.finish(rid, done)
+
+    async def _serve(self, request: GenerationRequest, record: ConsumerRecord) -> None:
+        try:
+            await self._generate(request, record)
+        finally:
+            self.cost.discard(request.request_id)  # a no-op unless it was cancelled
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
         await kafka.dead_letter(self.producer, self.settings.dlq_topic, record, reason)

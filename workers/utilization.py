@@ -13,15 +13,18 @@ import asyncio
 import time
 
 from shared import metrics
+from workers.cost import CostMeter
 from workers.engines.base import Engine
 
 SAMPLE_INTERVAL_S = 0.1
 
 
-async def sample_utilization(engine: Engine) -> None:
+async def sample_utilization(engine: Engine, meter: CostMeter | None = None) -> None:
     last = time.monotonic()
     while True:
         await asyncio.sleep(SAMPLE_INTERVAL_S)
+        if meter is not None:
+            meter.tick()
         now = time.monotonic()
         held = engine.num_running()
         if held:
