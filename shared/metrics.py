@@ -7,7 +7,10 @@ what only Sluice sees: the HTTP side, the queue, and the stream relay.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -85,5 +88,23 @@ ENGINE_REQUEST_SECONDS = Counter(
 
 
 def serve_metrics(port: int) -> None:
-    """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP."""
-    start_http_server(port)
+    """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP.
+
+    Always the classic text format: asked for OpenMetrics (Prometheus asks first), this
+    prometheus_client writes `vllm:x` as `vllm_x`, and vLLM's dashboards and our rules expect
+    vLLM's own names. The API's /metrics is text format too."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = generate_latest()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # one line per scrape is noise
+
+    server = ThreadingHTTPServer(("", port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
