@@ -97,13 +97,11 @@ class Settings(BaseSettings):
     # `[system]` and `[user]` sections; {question} and {passages} are filled in
     rag_prompt_template: Path = Path(__file__).resolve().parent.parent / "prompts" / "rag.txt"
 
-    # Cost (docs/COST.md). Defaults: an A10 instance at ~$400/month (the seed estimate's
-    # $300-500), a vector DB at $50-100/month and storage at $20-50/month, midpoints.
+    # Cost (docs/COST.md). Default: an A10 instance at ~$400/month (the seed estimate's
+    # $300-500, midpoint)
     instance_hourly_usd: float = Field(0.55, ge=0)
     gpus_per_instance: int = Field(1, ge=1)
     spot_discount: float = Field(0.0, ge=0, lt=1)
-    vector_db_monthly_usd: float = Field(75.0, ge=0)
-    storage_monthly_usd: float = Field(35.0, ge=0)
 
     # API
     host: str = "127.0.0.1"
