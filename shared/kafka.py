@@ -107,7 +107,10 @@ async def report_lag(consumer: AIOKafkaConsumer, group: str, interval_s: float =
             if highwater is None:  # nothing fetched from it yet
                 continue
             labels = (tp.topic, str(tp.partition), group)
-            lag = max(0, highwater - await consumer.position(tp))
+            try:
+                lag = max(0, highwater - await consumer.position(tp))
+            except Exception:  # revoked by a rebalance since assignment(): next round
+                continue
             metrics.KAFKA_LAG.labels(*labels).set(lag)
             current.add(labels)
         for labels in reported - current:  # moved to another consumer by a rebalance
