@@ -7,11 +7,35 @@ where field is `doc_id`, `source`, or a key of the document's user metadata.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 Filters = dict[str, Any]
+FILTER_COLUMNS = {"doc_id", "source"}  # filterable as themselves; other keys are user metadata
+FILTER_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def filter_values(key: str, value: Any) -> list[str | int | float | bool]:
+    """The values one filter entry accepts (one, or any of a list), checked the same way for
+    every backend: a ValueError names the key and what is wrong with it."""
+    if not FILTER_KEY.match(key):
+        raise ValueError(f"filter key {key!r}: letters, digits and _ only")
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f"filter {key!r}: empty list")
+    for v in values:
+        if key in FILTER_COLUMNS and not isinstance(v, str):
+            raise ValueError(f"filter {key!r}: must be a string, not {type(v).__name__}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"filter {key!r}: {v} is not a finite number")
+        if not isinstance(v, (str, int, float, bool)):
+            raise ValueError(
+                f"filter {key!r}: only str, int, float and bool, not {type(v).__name__}"
+            )
+    return values
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ client-side vocabulary.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,9 @@ from pymilvus.exceptions import MilvusException
 from pymilvus.milvus_client.index import IndexParams
 
 from shared.settings import Settings
-from shared.vectorstores.base import Chunk, Filters, Hit
+from shared.vectorstores.base import FILTER_COLUMNS, Chunk, Filters, Hit, filter_values
 
 FIELDS = ["id", "doc_id", "position", "text", "source", "title", "content_hash", "metadata"]
-COLUMNS = {"doc_id", "source"}  # filterable as columns; any other filter key is user metadata
-KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Ingestion and tests read right after writing: every request waits for all earlier writes.
 STRONG = "Strong"
 UPSERT_BATCH = 256  # rows per request, well under the gRPC message limit for 384-d vectors
@@ -90,35 +86,31 @@ class MilvusStore:
     def search(
         self, vector: Sequence[float], top_k: int, filters: Filters | None = None
     ) -> list[Hit]:
-        results = self._client.search(
-            self._collection,
-            data=[list(vector)],
-            anns_field="dense",
-            search_params={"metric_type": "COSINE"},
-            limit=top_k,
-            filter=filter_expr(filters),
-            output_fields=FIELDS,
-            consistency_level=STRONG,
-        )
         # COSINE "distance" is the similarity itself: higher is better.
-        return [Hit(to_chunk(r["entity"]), float(r["distance"])) for r in results[0]]
+        return self._search([list(vector)], "dense", "COSINE", top_k, filters)
 
     def search_text(self, query: str, top_k: int, filters: Filters | None = None) -> list[Hit]:
         if not query.strip():
             return []
+        # Milvus Lite reports BM25 as a negated distance, a server as the positive score; BM25 is
+        # never negative, so the magnitude is the score either way. (Not for cosine, which can be.)
+        hits = self._search([query], "sparse", "BM25", top_k, filters)
+        return [Hit(h.chunk, abs(h.score)) for h in hits]
+
+    def _search(
+        self, data: list[Any], field: str, metric: str, top_k: int, filters: Filters | None
+    ) -> list[Hit]:
         results = self._client.search(
             self._collection,
-            data=[query],
-            anns_field="sparse",
-            search_params={"metric_type": "BM25"},
+            data=data,
+            anns_field=field,
+            search_params={"metric_type": metric},
             limit=top_k,
             filter=filter_expr(filters),
             output_fields=FIELDS,
             consistency_level=STRONG,
         )
-        # Milvus Lite reports BM25 as a negated distance, a server as the positive score; BM25 is
-        # never negative, so the magnitude is the score either way.
-        return [Hit(to_chunk(r["entity"]), abs(float(r["distance"]))) for r in results[0]]
+        return [Hit(to_chunk(r["entity"]), float(r["distance"])) for r in results[0]]
 
     def close(self) -> None:
         self._client.close()
@@ -216,33 +208,21 @@ def filter_expr(filters: Filters | None) -> str:
 
 
 def condition(key: str, value: Any) -> str:
-    if not KEY_RE.match(key):
-        raise ValueError(f"filter key {key!r}: letters, digits and _ only")
-    field = key if key in COLUMNS else f'metadata["{key}"]'
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ValueError(f"filter {key!r}: empty list")
+    values = filter_values(key, value)
+    field = key if key in FILTER_COLUMNS else f'metadata["{key}"]'
     # Milvus Lite's parser rejects `in` on a JSON path, so "any of" is ORed equalities.
     return "(" + " or ".join(f"{field} == {literal(key, v)}" for v in values) + ")"
 
 
-def literal(key: str, value: Any) -> str:
-    if key in COLUMNS and not isinstance(value, str):
-        raise ValueError(f"filter {key!r}: must be a string, not {type(value).__name__}")
+def literal(key: str, value: str | int | float | bool) -> str:
     if isinstance(value, bool):  # before int: bool is an int
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"filter {key!r}: {value} is not a finite number")
+    if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, str):
-        try:
-            return quote(value)
-        except ValueError as e:
-            raise ValueError(f"filter {key!r}: {e}") from None
-    raise ValueError(f"filter {key!r}: only str, int, float and bool, not {type(value).__name__}")
+    try:
+        return quote(value)
+    except ValueError as e:
+        raise ValueError(f"filter {key!r}: {e}") from None
 
 
 def quote(text: str) -> str:

@@ -14,19 +14,23 @@ eventually consistent: a write shows up in searches and counts after a short del
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pinecone import Pinecone, ServerlessSpec
 
 from shared.settings import Settings
-from shared.vectorstores.base import Chunk, Filters, Hit, LexicalSearchUnsupported
+from shared.vectorstores.base import (
+    FILTER_COLUMNS,
+    FILTER_KEY,
+    Chunk,
+    Filters,
+    Hit,
+    LexicalSearchUnsupported,
+    filter_values,
+)
 
-COLUMNS = {"doc_id", "source"}  # filterable as themselves; any other filter key is user metadata
 META_PREFIX = "m_"
-KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 UPSERT_BATCH = 100  # a request is capped at 2 MB; 100 chunks of text plus 384 floats stay under
 CREATE_TIMEOUT_S = 300
 
@@ -137,7 +141,7 @@ def to_metadata(chunk: Chunk) -> dict[str, Any]:
         "metadata_json": json.dumps(chunk.metadata, ensure_ascii=False),
     }
     for key, value in chunk.metadata.items():
-        if KEY_RE.match(key) and isinstance(value, (str, int, float, bool)):
+        if FILTER_KEY.match(key) and isinstance(value, (str, int, float, bool)):
             metadata[META_PREFIX + key] = value
     return metadata
 
@@ -159,25 +163,8 @@ def metadata_filter(filters: Filters | None) -> dict[str, Any]:
     """`{key: value | [values]}`, ANDed, in Pinecone's filter language ({} for none)."""
     result: dict[str, Any] = {}
     for key, value in (filters or {}).items():
-        if not KEY_RE.match(key):
-            raise ValueError(f"filter key {key!r}: letters, digits and _ only")
-        field = key if key in COLUMNS else META_PREFIX + key
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise ValueError(f"filter {key!r}: empty list")
-            result[field] = {"$in": [check_value(key, v) for v in value]}
-        else:
-            result[field] = {"$eq": check_value(key, value)}
+        values = filter_values(key, value)
+        field = key if key in FILTER_COLUMNS else META_PREFIX + key
+        is_list = isinstance(value, (list, tuple))
+        result[field] = {"$in": values} if is_list else {"$eq": values[0]}
     return result
-
-
-def check_value(key: str, value: Any) -> str | int | float | bool:
-    if key in COLUMNS and not isinstance(value, str):
-        raise ValueError(f"filter {key!r}: must be a string, not {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"filter {key!r}: {value} is not a finite number")
-    if not isinstance(value, (str, int, float, bool)):
-        raise ValueError(
-            f"filter {key!r}: only str, int, float and bool, not {type(value).__name__}"
-        )
-    return value
