@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.messages import (
+    DOC_ID_MAX,
+    DOC_ID_PATTERN,
     FinishReason,
     MetadataValue,
     PromptInput,
@@ -46,7 +48,7 @@ class GenerateResponse(BaseModel):
 
 # --- Documents and retrieval (docs/RAG.md)
 
-DOC_ID = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@-]+$")
+DOC_ID = Field(None, min_length=1, max_length=DOC_ID_MAX, pattern=DOC_ID_PATTERN)
 FilterValue = MetadataValue | list[MetadataValue]
 
 

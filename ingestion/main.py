@@ -29,7 +29,7 @@ from shared import kafka, metrics
 from shared import redis as sredis
 from shared.documents import DocumentStatus, set_status
 from shared.embeddings import Embedder
-from shared.messages import IngestDocument
+from shared.messages import DOC_ID_MAX, DOC_ID_PATTERN, IngestDocument
 from shared.settings import Settings
 from shared.vectorstores import open_store
 from shared.vectorstores.base import Chunk, VectorStore
@@ -39,7 +39,7 @@ log = logging.getLogger("sluice.ingestion")
 GROUP = "sluice-ingestion"
 # Also how long a stop request may wait for the poll to return.
 POLL_TIMEOUT_MS = 500
-_DOC_ID = re.compile(r"^[A-Za-z0-9._:/@-]{1,200}$")
+_DOC_ID = re.compile(DOC_ID_PATTERN)
 
 
 class Ingester:
@@ -188,7 +188,8 @@ def _readable_doc_id(value: bytes | None) -> str | None:
         doc_id = json.loads(value or b"").get("doc_id")
     except (ValueError, AttributeError, RecursionError):  # any bytes at all may arrive
         return None
-    return doc_id if isinstance(doc_id, str) and _DOC_ID.match(doc_id) else None
+    usable = isinstance(doc_id, str) and len(doc_id) <= DOC_ID_MAX and _DOC_ID.match(doc_id)
+    return doc_id if usable else None
 
 
 # --- the consumer loop -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from shared.messages import ContentType, IngestDocument, MetadataValue
+from shared.messages import DOC_ID_MAX, ContentType, IngestDocument, MetadataValue
 from shared.settings import Settings
 
 Status = Literal["queued", "indexed", "deleted", "failed"]
@@ -57,8 +57,7 @@ CONTENT_TYPES: dict[str, ContentType] = {
     ".pdf": "application/pdf",
 }
 
-# IngestDocument.doc_id's pattern and length
-_DOC_ID_MAX = 200
+# Characters outside IngestDocument.doc_id's alphabet (DOC_ID_PATTERN)
 _NOT_ID_CHAR = re.compile(r"[^A-Za-z0-9._:/@-]+")
 
 # --- building documents --------------------------------------------------------------------
@@ -81,8 +80,8 @@ def sanitize_doc_id(name: str) -> str:
     digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
     if not doc_id:
         return f"doc-{digest}"
-    if len(doc_id) > _DOC_ID_MAX:
-        return f"{doc_id[: _DOC_ID_MAX - len(digest) - 1]}-{digest}"
+    if len(doc_id) > DOC_ID_MAX:
+        return f"{doc_id[: DOC_ID_MAX - len(digest) - 1]}-{digest}"
     return doc_id
 
 

@@ -131,6 +131,9 @@ class Heartbeat(_Strict):
 # stay in order on one partition). Producers may post it straight to the topic.
 
 ContentType = Literal["text/plain", "text/markdown", "text/html", "application/pdf"]
+# A document id: also used in chunk ids and Milvus filter strings, so a conservative alphabet.
+DOC_ID_PATTERN = r"^[A-Za-z0-9._:/@-]+$"
+DOC_ID_MAX = 200
 MetadataValue = str | int | float | bool
 
 
@@ -142,7 +145,7 @@ class IngestDocument(_Strict):
 
     v: Literal[1] = SCHEMA_VERSION
     action: Literal["upsert", "delete"] = "upsert"
-    doc_id: str = Field(..., min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@-]+$")
+    doc_id: str = Field(..., min_length=1, max_length=DOC_ID_MAX, pattern=DOC_ID_PATTERN)
     source: str = Field("", max_length=1000)  # file name or URL, shown with citations
     title: str | None = Field(None, max_length=1000)
     content_type: ContentType = "text/plain"
