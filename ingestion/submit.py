@@ -20,22 +20,23 @@ from shared import redis as sredis
 from shared.documents import (
     CONTENT_TYPES,
     DocumentStatus,
-    document_from_bytes,
+    document_from_file,
     get_status,
     set_status,
 )
 from shared.settings import Settings
 
 
-def files_under(paths: list[Path]) -> Iterator[tuple[Path, str]]:
-    """(file, name relative to the folder it was found in) for every supported file."""
+def files_under(paths: list[Path]) -> Iterator[tuple[Path, Path | None]]:
+    """(file, the root its doc id is relative to) for every supported file: a folder's files
+    are named from the folder itself (`data/README.md`), a file given directly by its name."""
     for path in paths:
         if path.is_dir():
             for f in sorted(path.rglob("*")):
                 if f.is_file() and f.suffix.lower() in CONTENT_TYPES:
-                    yield f, f"{path.name}/{f.relative_to(path).as_posix()}"
+                    yield f, path.absolute().parent
         elif path.is_file():
-            yield path, path.name
+            yield path, None
         else:
             raise FileNotFoundError(path)
 
@@ -49,12 +50,12 @@ async def submit(settings: Settings, paths: list[Path], wait_s: float = 0.0) -> 
     await producer.start()
     statuses: dict[str, str] = {}
     try:
-        for f, name in tqdm(list(files_under(paths)), desc="sending", unit="file"):
+        for f, root in tqdm(list(files_under(paths)), desc="sending", unit="file"):
             if f.stat().st_size > settings.max_document_bytes:
                 tqdm.write(f"skipped {f}: larger than {settings.max_document_bytes} bytes")
                 continue
             try:
-                doc = document_from_bytes(name, f.read_bytes())
+                doc = document_from_file(f, root)
             except ValueError as e:
                 tqdm.write(f"skipped {f}: {e}")
                 continue

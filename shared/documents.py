@@ -118,13 +118,14 @@ def document_from_file(
     metadata: dict[str, MetadataValue] | None = None,
 ) -> IngestDocument:
     """An upsert of the file at `path`; its doc_id is its path relative to `root` (the file
-    name when no root is given), so ingesting a folder again replaces the same documents."""
+    name when no root is given), so ingesting a folder again replaces the same documents.
+    Symbolic links keep the name they were found under (not resolved)."""
     path = Path(path)
     if root is None:
         name = path.name
     else:
         try:
-            name = path.resolve().relative_to(Path(root).resolve()).as_posix()
+            name = path.absolute().relative_to(Path(root).absolute()).as_posix()
         except ValueError:
             raise ValueError(f"{path} is not inside {root}") from None
     content_type_for(path.name)  # fail on an unknown type before reading the file
