@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(1.0, gt=0)
     heartbeat_ttl_s: float = Field(5.0, gt=0)
     worker_metrics_port: int = Field(9101, ge=0)
+    # On SIGTERM a worker stops polling and gives in-flight requests this long to finish; the
+    # rest stay uncommitted and are redelivered. Keep below Kubernetes' grace period.
+    drain_timeout_s: float = Field(30.0, ge=0)
 
     # Retrieval: ingestion and /rag-generate (see docs/RAG.md)
     ingest_topic: str = "sluice.ingest"

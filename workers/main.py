@@ -154,7 +154,7 @@ class Worker:
         """Graceful stop: no new polls; let in-flight requests finish, then commit them."""
         if self.tasks and self._fatal is None:
             log.info("draining %d in-flight requests", len(self.tasks))
-            await asyncio.wait(self.tasks, timeout=self.settings.request_timeout_s)
+            await asyncio.wait(self.tasks, timeout=self.settings.drain_timeout_s)
         for task in list(self.tasks):
             task.cancel()
         if self._fatal is None:
