@@ -5,9 +5,10 @@ sluice ingest PATH...        send files/folders (.txt .md .html .pdf) to ingesti
 sluice up                    the whole stack on this machine (what `make run` does)
 sluice down                  stop what `sluice up` started
 sluice model prepare         convert the bundled default model once
+sluice cost report [--window 1h]   fleet cost, monthly projections, recommendations
 sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
-sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv, rag
-                             (see docs/BENCHMARKS.md; `sluice bench NAME --help`)
+sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv,
+                             rag, cost (see docs/BENCHMARKS.md; `sluice bench NAME --help`)
 """
 
 from __future__ import annotations
@@ -162,7 +163,31 @@ def _ingest(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv", "rag")
+def _cost(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from shared import cost
+    from shared import redis as sredis
+    from shared.settings import Settings
+
+    settings = Settings()
+    try:
+        window_s = cost.parse_window(args.window)
+    except ValueError as e:
+        sys.exit(f"--window {e}")
+
+    async def read() -> cost.CostReport:
+        redis = sredis.connect(settings)
+        try:
+            return await cost.report(redis, settings, window_s)
+        finally:
+            await redis.aclose()
+
+    report = asyncio.run(read())
+    print(report.model_dump_json(indent=2) if args.json else cost.render(report))
+
+
+BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv", "rag", "cost")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -201,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("action", choices=["prepare"])
     model.set_defaults(fn=_model)
     # The benchmark parses its own options (`sluice bench --help`).
+    cost_cmd = sub.add_parser("cost", help="cost report from the fleet's usage ledger")
+    cost_cmd.add_argument("what", choices=["report"])
+    cost_cmd.add_argument("--window", default="1h", help="15m, 1h, 24h, 7d (default 1h)")
+    cost_cmd.add_argument("--json", action="store_true", help="the GET /cost JSON")
+    cost_cmd.set_defaults(fn=_cost)
     sub.add_parser("bench", help="serving benchmark", add_help=False).set_defaults(fn=_bench)
     sub.add_parser("eval", help="retrieval evaluation", add_help=False).set_defaults(fn=_eval)
     args, rest = parser.parse_known_args(argv)

@@ -125,6 +125,7 @@ class Clock:
 
     accepted: float
     first_token: float | None = None
+    last_token: float | None = None
 
     def ms(self, t: float) -> float:
         return round((t - self.accepted) * 1000, 2)
@@ -149,9 +150,9 @@ async def events(
         except TimeoutError:
             raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
         if isinstance(event, TokensEvent):
-            if clock.first_token is None and event.tokens:
-                clock.first_token = time.monotonic()
-                metrics.CLIENT_TTFT.observe(clock.first_token - clock.accepted)
+            _time_tokens(clock, len(event.tokens))
+            if event.published_at is not None:
+                metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event.published_at))
             yield event
             continue
         if isinstance(event, DoneEvent):
@@ -161,6 +162,19 @@ async def events(
             event.timings.e2e_ms = clock.ms(now)
         yield event
         return
+
+
+def _time_tokens(clock: Clock, n: int) -> None:
+    if n == 0:
+        return
+    now = time.monotonic()
+    if clock.first_token is None:
+        clock.first_token = now
+        metrics.CLIENT_TTFT.observe(now - clock.accepted)
+    elif clock.last_token is not None:
+        for _ in range(n):
+            metrics.CLIENT_ITL.observe((now - clock.last_token) / n)
+    clock.last_token = now
 
 
 def sse(event: str, data: dict, event_id: int | None = None) -> bytes:

@@ -93,6 +93,9 @@ class TokensEvent(_Strict):
     v: Literal[1] = SCHEMA_VERSION
     type: Literal["tokens"] = "tokens"
     tokens: list[Token]
+    # Unix time the worker published the event, for the delivery-latency metric (the API and
+    # workers should share a clock: NTP).
+    published_at: float | None = None
 
 
 class DoneEvent(_Strict):

@@ -7,10 +7,21 @@ what only Sluice sees: the HTTP side, the queue, and the stream relay.
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -18,10 +29,23 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 REQUESTS = Counter(
     "sluice_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"]
 )
-OPEN_STREAMS = Gauge("sluice_open_streams", "SSE streams currently open")
+# Gauges say how to combine API processes (SLUICE_API_WORKERS > 1, prometheus multiprocess mode).
+OPEN_STREAMS = Gauge(
+    "sluice_open_streams", "SSE streams currently open", multiprocess_mode="livesum"
+)
 CLIENT_TTFT = Histogram(
     "sluice_time_to_first_token_seconds",
     "Request accepted by the API to first token relayed, as the client sees it",
+    buckets=_LATENCY_BUCKETS,
+)
+CLIENT_ITL = Histogram(
+    "sluice_inter_token_latency_seconds",
+    "Gap between tokens as the client sees it (a coalesced event's gap is spread over its tokens)",
+    buckets=_LATENCY_BUCKETS,
+)
+DELIVERY_LATENCY = Histogram(
+    "sluice_stream_delivery_latency_seconds",
+    "Worker publishes tokens to Redis to the API relaying them to the client's stream",
     buckets=_LATENCY_BUCKETS,
 )
 CLIENT_E2E = Histogram(
@@ -48,7 +72,9 @@ KAFKA_LAG = Gauge(
     "Records in the partition this consumer has not fetched yet (highwater - position)",
     ["topic", "partition", "group"],
 )
-LIVE_WORKERS = Gauge("sluice_live_workers", "Workers with a fresh heartbeat in Redis")
+LIVE_WORKERS = Gauge(
+    "sluice_live_workers", "Workers with a fresh heartbeat in Redis", multiprocess_mode="max"
+)
 
 # Cost (workers/cost.py): engine time shared among batched requests by token share
 REQUEST_COST = Histogram(
@@ -85,6 +111,27 @@ ENGINE_REQUEST_SECONDS = Counter(
     "sluice_engine_request_seconds",
     "Time integral of the number of requests in the engine (running or queued inside it)",
 )
+
+
+def exposition() -> bytes:
+    """This process's metrics, or, in multiprocess mode (several uvicorn workers), every API
+    process's merged from PROMETHEUS_MULTIPROC_DIR: counters summed, gauges by their mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def sample_sums(names: Iterable[str]) -> dict[str, float]:
+    """Each named sample summed over its label sets (e.g. vLLM's per-engine series), read from
+    this process's registry; absent names read 0."""
+    wanted = {name: 0.0 for name in names}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name in wanted:
+                wanted[sample.name] += sample.value
+    return wanted
 
 
 def serve_metrics(port: int) -> None:

@@ -105,11 +105,16 @@ class Settings(BaseSettings):
     instance_hourly_usd: float = Field(0.55, ge=0)
     gpus_per_instance: int = Field(1, ge=1)
     spot_discount: float = Field(0.0, ge=0, lt=1)
+    # Fixed monthly costs in the projections (seed estimate: vector DB $50-100, storage $20-50)
+    vector_db_monthly_usd: float = Field(75.0, ge=0)
+    storage_monthly_usd: float = Field(35.0, ge=0)
 
     # API
     host: str = "127.0.0.1"
     port: int = 8000
     request_timeout_s: float = Field(300.0, gt=0)
+    # >1: several uvicorn processes; /metrics merges them (prometheus multiprocess mode)
+    api_workers: int = Field(1, ge=1)
 
     @property
     def dlq_topic(self) -> str:

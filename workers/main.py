@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from shared import kafka, metrics
 from shared import redis as sredis
+from shared.ledger import Ledger
 from shared.messages import (
     DoneEvent,
     ErrorEvent,
@@ -35,6 +36,7 @@ from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.gpu import register_gpu_metrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Publisher
+from workers.usage import add_request, record_usage
 from workers.utilization import sample_utilization
 
 log = logging.getLogger("sluice.worker")
@@ -62,6 +64,7 @@ class Worker:
         self.publisher = Publisher(redis, settings)
         self.offsets = OffsetTracker()
         self.cost = CostMeter(settings, engine.model)
+        self.ledger = Ledger(redis, settings)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = stopping or asyncio.Event()
         self._freed = asyncio.Event()
@@ -75,6 +78,7 @@ class Worker:
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(sample_utilization(self.engine, self.cost)),
             asyncio.create_task(kafka.report_lag(self.consumer, self.settings.consumer_group)),
+            asyncio.create_task(record_usage(self.ledger)),
         ]
         try:
             while not self.stopping.is_set():
@@ -84,6 +88,10 @@ class Worker:
         finally:
             for task in background:
                 task.cancel()
+            try:
+                await self.ledger.flush()
+            except Exception as e:
+                log.warning("last ledger flush failed, %s", e)
             await sredis.delete_heartbeat(self.redis, self.settings, self.settings.worker_id)
         if self._fatal is not None:
             raise self._fatal
@@ -198,7 +206,16 @@ class Worker:
             )
             return
         now = time.time()
-        _, dollars = self.cost.finish(rid)
+        seconds, dollars = self.cost.finish(rid)
+        add_request(
+            self.ledger,
+            topic=record.topic,
+            tenant="default",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=next_index,
+            seconds=seconds,
+            dollars=dollars,
+        )
         done = DoneEvent(
             request_id=rid,
             finish_reason=finish_reason,  # type: ignore[arg-type]

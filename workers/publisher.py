@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -69,10 +70,12 @@ class Publisher:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, {}
         pipe = self._redis.pipeline(transaction=False)
+        now = time.time()
         for request_id, pending in batch.items():
             channel = self._settings.stream_channel(request_id)
             if pending.tokens:
-                pipe.publish(channel, TokensEvent(tokens=pending.tokens).model_dump_json())
+                event = TokensEvent(tokens=pending.tokens, published_at=now)
+                pipe.publish(channel, event.model_dump_json())
             if pending.terminal is not None:
                 pipe.publish(channel, pending.terminal.model_dump_json())
         try:

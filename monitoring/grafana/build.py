@@ -25,6 +25,13 @@ DASHBOARDS: dict[str, list[tuple[str, str, list[tuple[str, str]]]]] = {
         ("Inter-token latency (engine)", "s", [
             ("p50", Q.format(q=0.5, m="vllm:inter_token_latency_seconds")),
             ("p99", Q.format(q=0.99, m="vllm:inter_token_latency_seconds"))]),
+        ("Inter-token latency (client)", "s", [
+            ("p50", Q.format(q=0.5, m="sluice_inter_token_latency_seconds")),
+            ("p99", Q.format(q=0.99, m="sluice_inter_token_latency_seconds"))]),
+        ("Redis -> SSE delivery latency", "s", [
+            ("p50", Q.format(q=0.5, m="sluice_stream_delivery_latency_seconds")),
+            ("p99", Q.format(q=0.99, m="sluice_stream_delivery_latency_seconds"))]),
+        ("Open SSE streams", "short", [("", "sum(sluice_open_streams)")]),
         ("Output tokens/s", "short", [("all workers", "sluice:generation_tokens:rate1m")]),
         ("Requests in engines", "short", [
             ("running", "sum(vllm:num_requests_running)"),
