@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.documents import DocumentsHandler
+from api.errors import invalid_field
 from api.health import readiness
 from api.middleware import RequestMetrics
+from api.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from api.openai_serving import OpenAIHandler, install_error_handlers
 from api.rag import PromptTemplate, RagHandler
 from api.schemas import (
     DocumentAccepted,
@@ -29,7 +35,7 @@ from api.schemas import (
 )
 from api.serving import GenerateHandler
 from api.streaming import StreamHub
-from shared import kafka, metrics
+from shared import cost, kafka, metrics
 from shared import redis as sredis
 from shared.documents import DocumentStatus
 from shared.embeddings import Embedder
@@ -51,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
         await hub.start()
         app.state.redis, app.state.producer = redis, producer
         app.state.generate = GenerateHandler(settings, tokenizer, producer, hub)
+        app.state.openai = OpenAIHandler(settings, app.state.generate, redis)
         app.state.documents = DocumentsHandler(settings, producer, redis)
         embedder = await asyncio.to_thread(Embedder.load, settings)
         template = PromptTemplate.load(settings.rag_prompt_template)
@@ -65,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestMetrics)
+    install_error_handlers(app)  # OpenAI's error shape on /v1 paths only
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateBody, request: Request) -> Response | GenerateResponse:
@@ -72,6 +80,24 @@ def create_app(settings: Settings) -> FastAPI:
         if body.stream:
             return await handler.stream(body)
         return await handler.complete(body)
+
+    # OpenAI-compatible (api/openai_serving.py): the same Kafka path as /generate. Auth, once
+    # built, is a dependency of this router, so every /v1 route gets it.
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await request.app.state.openai.chat(body)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await request.app.state.openai.completion(body)
+
+    @v1.get("/models", response_model=ModelList)
+    async def models(request: Request) -> ModelList:
+        return await request.app.state.openai.models()
+
+    app.include_router(v1)
 
     @app.post("/rag-generate", response_model=RagGenerateResponse)
     async def rag_generate(
@@ -97,6 +123,16 @@ def create_app(settings: Settings) -> FastAPI:
     async def delete_document(doc_id: str, request: Request) -> DocumentAccepted:
         return await request.app.state.documents.delete(doc_id)
 
+    @app.get("/cost", response_model=cost.CostReport)
+    async def cost_report(request: Request, window: str = "1h") -> cost.CostReport:
+        """Cost over the last `window` (15m, 1h, 7d...) for the whole fleet, with monthly
+        projections and recommendations (docs/COST.md)."""
+        try:
+            window_s = cost.parse_window(window)
+        except ValueError as e:
+            raise invalid_field("window", str(e), window, where="query") from e
+        return await cost.report(request.app.state.redis, settings, window_s)
+
     @app.get("/health")
     async def health(request: Request, ready: bool = False) -> JSONResponse:
         if not ready:
@@ -114,12 +150,41 @@ def create_app(settings: Settings) -> FastAPI:
         with contextlib.suppress(Exception):  # Redis down: the gauge keeps its last value
             workers = await sredis.live_workers(request.app.state.redis, settings)
             metrics.LIVE_WORKERS.set(len(workers))
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
+def app_from_env() -> FastAPI:
+    """What each uvicorn process builds when SLUICE_API_WORKERS > 1."""
+    _log_setup()
+    return create_app(Settings())
+
+
 def main() -> None:
     settings = Settings()
+    _log_setup()
+    if settings.api_workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        return
+    # Each process writes its metrics to files here and /metrics merges them; the variable
+    # must be set before the processes (spawned, so importing afresh) load prometheus_client.
+    metrics_dir = Path(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="sluice-api-")
+    )
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):  # a previous run's counts are not this run's
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    uvicorn.run(
+        "api.app:app_from_env",
+        factory=True,
+        workers=settings.api_workers,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+    )
+
+
+def _log_setup() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -72,36 +72,42 @@ class GenerateHandler:
             raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
         return queue
 
+    async def submit(self, message: GenerationRequest) -> AsyncIterator[Event]:
+        """Enqueue `message`; its events up to the terminal one. Enqueue failures raise here,
+        before any response starts. The caller ends with `close(request_id)`."""
+        clock = Clock(time.monotonic())
+        queue = await self._submit(message)
+        return events(queue, clock, self.settings.request_timeout_s)
+
+    async def close(self, request_id: str) -> None:
+        await self.hub.close(request_id)
+
     async def stream(self, body: GenerateBody, prelude: bytes = b"") -> StreamingResponse:
         """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first."""
         message = self.to_message(body)
-        clock = Clock(time.monotonic())
-        queue = await self._submit(message)
+        source = await self.submit(message)
 
         async def frames() -> AsyncIterator[bytes]:
             try:
                 if prelude:
                     yield prelude
-                async for frame in sse_frames(
-                    events(queue, clock, self.settings.request_timeout_s)
-                ):
+                async for frame in sse_frames(source):
                     yield frame
             finally:
-                await self.hub.close(message.request_id)
+                await self.close(message.request_id)
 
         headers = {**SSE_HEADERS, "X-Request-Id": message.request_id}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
 
     async def complete(self, body: GenerateBody) -> GenerateResponse:
         message = self.to_message(body)
-        clock = Clock(time.monotonic())
-        queue = await self._submit(message)
+        source = await self.submit(message)
         try:
-            text, done = await collect(events(queue, clock, self.settings.request_timeout_s))
+            text, done = await collect(source)
         except RequestFailed as e:
             raise HTTPException(e.status, e.message) from e
         finally:
-            await self.hub.close(message.request_id)
+            await self.close(message.request_id)
         return GenerateResponse(
             request_id=done.request_id,
             text=text,

@@ -1,0 +1,345 @@
+"""OpenAI's request and response bodies, as far as Sluice serves them.
+
+Schemas only; the handlers are api/openai_serving.py (the split of vLLM's protocol.py and
+serving_*.py). Requests are strict: an unknown field, or a documented one Sluice cannot honour
+(tools, logprobs, penalties, n > 1 ...), is a 400 naming it, never silently ignored. A documented
+but unsupported field is accepted only with its neutral value, since clients often send defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+
+from shared.messages import ChatMessage as WireMessage
+from shared.messages import FinishReason
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+# Documented OpenAI fields Sluice cannot honour, with the values that mean "off".
+_SHARED_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+}
+CHAT_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    **_SHARED_NEUTRAL,
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "web_search_options": (None,),
+}
+COMPLETION_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    **_SHARED_NEUTRAL,
+    "logprobs": (None,),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def _is(value: Any, neutral: Any) -> bool:
+    # True == 1 and False == 0 in Python: a bool is neutral only where the neutral is a bool.
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+def _neutral_only(table: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
+    allowed = table[info.field_name or ""]
+    if any(_is(value, a) for a in allowed):
+        return value
+    values = " or ".join(json.dumps(a) for a in allowed)
+    raise ValueError(f"not supported by Sluice; accepted only as {values}")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share; unknown fields are a 400 (see openai_serving)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = None
+    stop: Stop = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # Accepted and not yet used: it becomes the tenant for cost attribution once the wire
+    # contract carries one (and, with auth, it will be checked against the caller).
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError("only n=1 is supported: send one request per choice")
+        return n
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        return options
+
+    def stop_list(self) -> list[str] | None:
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # OpenAI's newer name for the system role; the model's template knows only `system`.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def to_wire(self) -> WireMessage:
+        text = self.content
+        if not isinstance(text, str):
+            text = "".join(p.text for p in text)
+        return WireMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class ChatCompletionRequest(_Request):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessageIn] = Field(..., min_length=1)
+    # OpenAI's newer name for max_tokens; either may be given (both: they must agree).
+    max_completion_tokens: int | None = Field(None, gt=0)
+
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*CHAT_NEUTRAL)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(CHAT_NEUTRAL, value, info)
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _agrees_with_max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        other = info.data.get("max_tokens")
+        if value is not None and other is not None and value != other:
+            raise ValueError(f"differs from max_tokens={other}; give one of them")
+        return value
+
+    def max_tokens_param(self) -> tuple[str, int | None]:
+        """The field the client used for the completion length, and its value."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+
+class CompletionRequest(_Request):
+    """`POST /v1/completions`: one text prompt (token-id and batched prompts are not served)."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    @field_validator(*COMPLETION_NEUTRAL)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(COMPLETION_NEUTRAL, value, info)
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# --- Responses
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Response(BaseModel):
+    id: str
+    object: str  # each subclass's literal; declared here to keep OpenAI's key order
+    created: int
+    model: str
+    # Sluice's extension: the worker's cost of this request (docs/COST.md). A top-level extra
+    # field, which OpenAI clients keep (`model_extra`) where one in `usage` could break them.
+    sluice_cost_usd: float | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+# --- Streamed chunks (`data: {...}` SSE lines, then `data: [DONE]`)
+
+
+class _Chunk(_Response):
+    usage: UsageInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _optional_keys(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("sluice_cost_usd") is None:
+            data.pop("sluice_cost_usd", None)
+        # OpenAI: with include_usage every chunk has `usage` (null but on the last); else none.
+        if data.get("usage") is None and not (info.context or {}).get("include_usage"):
+            data.pop("usage", None)
+        return data
+
+
+class ChatDelta(BaseModel):
+    """The first delta carries the role, later ones content, the last none (`{}`)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_keys_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+# --- Models
+
+
+class ModelWorker(BaseModel):
+    worker_id: str
+    engine: str
+    in_flight: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sluice"
+    # Sluice's extension: the live workers serving it (from their heartbeats).
+    sluice_workers: list[ModelWorker]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- Errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
