@@ -4,6 +4,12 @@
 - `TokensEvent`, `DoneEvent`, `ErrorEvent`: stream events a worker publishes on the request's
   Redis channel; the API relays them as SSE.
 - `Heartbeat`: what each worker writes to Redis so the API knows someone is serving.
+- `Cancel`: published on the Redis cancel channel; the worker holding the request aborts it.
+- `BatchResult`: what a worker writes to `sluice.batch.results` for a request that came from
+  `sluice.batch.requests` (keyed by request id).
+
+Fields added within a version are optional. Readers reject unknown fields, so when one is
+added, upgrade the readers (workers for requests, the API for stream events) before the writers.
 
 Every message carries `v`, the schema version. A consumer rejects versions it does not know
 (the worker sends such requests to the dead-letter topic) instead of guessing.
@@ -17,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 SCHEMA_VERSION = 1
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+# abort: cancelled (client gone or DELETE /requests/{id}); timeout: its deadline passed
+FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 
 
 class _Strict(BaseModel):
@@ -69,6 +76,13 @@ class GenerationRequest(PromptInput):
     sampling: SamplingOptions
     # Unix time (s) at which the API produced the request; workers derive queue time from it.
     enqueued_at: float
+    # Unix time after which nobody wants the result: a worker drops it unrun (finish_reason
+    # "timeout") or stops it there. None: no deadline.
+    deadline: float | None = None
+    # Who pays: the API key's tenant (cost attribution, rate limits). None: "default".
+    tenant: str | None = Field(None, max_length=128)
+    # Batch submitters' own id for the request, echoed in its BatchResult.
+    correlation: str | None = Field(None, max_length=256)
 
 
 class Token(_Strict):
@@ -119,6 +133,26 @@ class ErrorEvent(_Strict):
 
 StreamEvent = Annotated[TokensEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
 stream_event_adapter: TypeAdapter[TokensEvent | DoneEvent | ErrorEvent] = TypeAdapter(StreamEvent)
+
+
+class Cancel(_Strict):
+    v: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    reason: Literal["client_disconnected", "cancelled"] = "cancelled"
+
+
+class BatchResult(_Strict):
+    """The outcome of one batch request: its text, or the error that stopped it."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    correlation: str | None = None
+    text: str = ""
+    finish_reason: FinishReason
+    usage: Usage
+    cost_usd: float | None = None
+    error: str | None = None
+    finished_at: float
 
 
 class Heartbeat(_Strict):

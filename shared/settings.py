@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     requests_topic: str = "sluice.requests"
     requests_partitions: int = Field(8, ge=1)
     consumer_group: str = "sluice-workers"
+    # Batch jobs posted straight to Kafka; workers take them only with spare capacity
+    batch_requests_topic: str = "sluice.batch.requests"
+    batch_results_topic: str = "sluice.batch.results"
+    batch_consumer_group: str = "sluice-batch-workers"
 
     # Model and limits shared by the API (validation) and the workers (engine)
     model: str = DEFAULT_MODEL
@@ -126,6 +130,11 @@ class Settings(BaseSettings):
 
     def document_key(self, doc_id: str) -> str:
         return f"{self.redis_prefix}:doc:{doc_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Where Cancel messages go; every worker listens and the holder aborts."""
+        return f"{self.redis_prefix}:cancel"
 
     def stream_channel(self, request_id: str) -> str:
         return f"{self.redis_prefix}:stream:{request_id}"
