@@ -24,6 +24,9 @@ class GenerateBody(PromptInput, SamplingOptions):
     max_tokens: int | None = Field(None, gt=0)  # type: ignore[assignment]
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # type: ignore[assignment]
     stream: bool = False
+    # Give up after this long (queued or running: finish_reason "timeout"); at most, and by
+    # default, SLUICE_REQUEST_TIMEOUT_S.
+    timeout_s: float | None = Field(None, gt=0)
 
     def sampling(self, default_max_tokens: int) -> SamplingOptions:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

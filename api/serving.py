@@ -31,7 +31,7 @@ class GenerateHandler:
         self.producer = producer
         self.hub = hub
 
-    def to_message(self, body: GenerateBody) -> GenerationRequest:
+    def to_message(self, body: GenerateBody, tenant: str | None = None) -> GenerationRequest:
         """The wire message, or a 422 naming the field, before anything is enqueued."""
         limit = self.settings.max_tokens_limit
         if body.max_tokens is not None and body.max_tokens > limit:
@@ -49,12 +49,19 @@ class GenerateHandler:
                 f"the model's context of {context} tokens",
                 n_prompt,
             )
+        now = time.time()
+        # The API stops waiting at the timeout, so a worker must not start the request after.
+        timeout = min(
+            body.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
+        )
         return GenerationRequest(
             request_id=uuid.uuid4().hex,
             prompt=body.prompt,
             messages=body.messages,
             sampling=sampling,
-            enqueued_at=time.time(),
+            enqueued_at=now,
+            deadline=now + timeout,
+            tenant=tenant,
         )
 
     async def _submit(self, message: GenerationRequest) -> asyncio.Queue[Event]:
@@ -77,14 +84,19 @@ class GenerateHandler:
         before any response starts. The caller ends with `close(request_id)`."""
         clock = Clock(time.monotonic())
         queue = await self._submit(message)
-        return events(queue, clock, self.settings.request_timeout_s)
+        timeout = self.settings.request_timeout_s
+        if message.deadline is not None:
+            timeout = message.deadline - message.enqueued_at
+        return events(queue, clock, timeout)
 
     async def close(self, request_id: str) -> None:
         await self.hub.close(request_id)
 
-    async def stream(self, body: GenerateBody, prelude: bytes = b"") -> StreamingResponse:
+    async def stream(
+        self, body: GenerateBody, prelude: bytes = b"", tenant: str | None = None
+    ) -> StreamingResponse:
         """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first."""
-        message = self.to_message(body)
+        message = self.to_message(body, tenant)
         source = await self.submit(message)
 
         async def frames() -> AsyncIterator[bytes]:
@@ -99,8 +111,8 @@ class GenerateHandler:
         headers = {**SSE_HEADERS, "X-Request-Id": message.request_id}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
 
-    async def complete(self, body: GenerateBody) -> GenerateResponse:
-        message = self.to_message(body)
+    async def complete(self, body: GenerateBody, tenant: str | None = None) -> GenerateResponse:
+        message = self.to_message(body, tenant)
         source = await self.submit(message)
         try:
             text, done = await collect(source)
