@@ -9,7 +9,7 @@ EXTRA ?= cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-$(EXTRA)-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install model run stop test lint monitoring-check bench clean
+.PHONY: install model run stop test lint monitoring-check deploy-check bench clean
 
 install: $(STAMP)
 
@@ -47,7 +47,28 @@ monitoring-check:
 	promtool check rules monitoring/rules/*.yml
 	promtool test rules monitoring/tests/*.yml
 
-test: model lint monitoring-check
+# Deployment files (deploy/, docker-compose.yml; nothing is built or run, there is no Docker
+# engine here): kustomize renders every overlay and the Kubernetes schemas (1.30, 1.37) validate
+# it, the Compose specification validates docker-compose.yml, hadolint lints the Dockerfiles.
+# Those tools come with the dev extra (PyPI); promtool and shellcheck are Debian packages.
+# tests/test_deploy.py checks the rest (KEDA's CRD schema, settings, probes, scripts).
+KUSTOMIZATIONS := deploy/kubernetes/overlays/cpu deploy/kubernetes/overlays/gpu deploy/kubernetes/kafka
+deploy-check: install
+	@command -v promtool >/dev/null && command -v shellcheck >/dev/null || { \
+		echo "installing Debian's prometheus (promtool) and shellcheck"; \
+		$(SUDO) apt-get install -y -q --no-install-recommends prometheus shellcheck >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null && \
+		  $(SUDO) apt-get install -y -q --no-install-recommends prometheus shellcheck >/dev/null; }; }
+	set -o pipefail; for k in $(KUSTOMIZATIONS); do for v in 1.30.0 1.37.0; do \
+		$(BIN)/kubectl kustomize $$k | $(BIN)/kubernetes-validate --strict --quiet --no-warn -k $$v - \
+		|| exit 1; done; done
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(BIN)/hadolint --failure-threshold style deploy/docker/*.Dockerfile
+	shellcheck deploy/compose/*.sh deploy/kubernetes/node-pools/*.sh
+	tmp=$$(mktemp -d) && cp deploy/compose/prometheus.yml $$tmp/ && ln -s $(CURDIR)/monitoring/rules $$tmp/rules \
+		&& promtool check config $$tmp/prometheus.yml; status=$$?; rm -rf $$tmp; exit $$status
+
+test: model lint monitoring-check deploy-check
 	$(BIN)/pytest -ra
 
 bench: model
