@@ -20,35 +20,53 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# Ingest messages carry whole documents (SLUICE_MAX_DOCUMENT_BYTES, 5 MiB; PDFs base64, 4/3
+# of that) in a JSON envelope; aiokafka's default request cap is 1 MiB. The ingest topics are
+# created with the same max.message.bytes (deploy/ sets it for Strimzi and compose too).
+MAX_MESSAGE_BYTES = 8 * 2**20
+
+
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka,
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
         linger_ms=0,
+        max_request_size=MAX_MESSAGE_BYTES,
     )
 
 
-def make_consumer(settings: Settings, *topics: str) -> AIOKafkaConsumer:
+def make_consumer(
+    settings: Settings,
+    *topics: str,
+    group: str | None = None,
+    max_poll_interval_ms: int = 300_000,
+) -> AIOKafkaConsumer:
+    """A consumer in `group` (default: the workers' group) that commits only by hand. It leaves
+    its group when getmany() is not called for `max_poll_interval_ms`."""
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka,
-        group_id=settings.consumer_group,
+        group_id=group or settings.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         max_poll_records=settings.poll_max_records,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
+        max_poll_interval_ms=max_poll_interval_ms,
     )
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create Sluice's topics (requests, ingestion, and their dead-letter topics) if missing:
-    every process calls this at start, so none depends on another having started first."""
+    """Create Sluice's topics (requests, batch, ingestion, and their dead-letter topics) if
+    missing: every process calls this at start, so none depends on another having started first."""
     wanted = {
         settings.requests_topic: settings.requests_partitions,
         settings.dlq_topic: 1,
+        settings.batch_requests_topic: settings.requests_partitions,
+        settings.batch_results_topic: settings.requests_partitions,
+        settings.batch_dlq_topic: 1,
         settings.ingest_topic: settings.ingest_partitions,
         settings.ingest_dlq_topic: 1,
     }
@@ -56,8 +74,16 @@ async def ensure_topics(settings: Settings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        large = {settings.ingest_topic, settings.ingest_dlq_topic}
         missing = [
-            NewTopic(name, num_partitions=n, replication_factor=1)
+            NewTopic(
+                name,
+                num_partitions=n,
+                replication_factor=1,
+                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+                if name in large
+                else {},
+            )
             for name, n in wanted.items()
             if name not in existing
         ]

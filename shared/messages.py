@@ -88,6 +88,10 @@ class GenerationRequest(PromptInput):
 class Token(_Strict):
     index: int = Field(..., ge=0)
     text: str
+    # Characters of the completion before this token's text. A request redelivered after a
+    # worker crash is generated again from the start, possibly grouped into different deltas;
+    # index and offset together let the API relay each character exactly once.
+    offset: int | None = None
 
 
 class Usage(_Strict):
@@ -162,6 +166,9 @@ class Heartbeat(_Strict):
     model: str
     in_flight: int
     ts: float
+    # Requests waiting in this worker's partitions of the requests topic: the API's
+    # backpressure sums it over workers.
+    lag: int = 0
 
 
 # --- Ingestion: the message on `sluice.ingest` (keyed by doc_id, so one document's versions

@@ -134,6 +134,14 @@ def sample_sums(names: Iterable[str]) -> dict[str, float]:
     return wanted
 
 
+def reported_lag(topic: str) -> int:
+    """This process's `sluice_kafka_consumer_lag` summed over its partitions of `topic`."""
+    total = 0.0
+    for family in KAFKA_LAG.collect():
+        total += sum(s.value for s in family.samples if s.labels["topic"] == topic)
+    return int(total)
+
+
 def serve_metrics(port: int) -> None:
     """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP.
 

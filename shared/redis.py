@@ -1,17 +1,28 @@
-"""Redis connections and the worker heartbeat registry."""
+"""Redis connections, the worker heartbeat registry, and request cancellation."""
 
 from __future__ import annotations
 
 import time
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
 
-from shared.messages import Heartbeat
+from shared.messages import Cancel, Heartbeat
 from shared.settings import Settings
 
 
 def connect(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis, health_check_interval=10)
+    # Retried with backoff (~3 s in all): a Redis restart then costs callers a pause, not an
+    # error on the first command over each stale pooled connection.
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 6)
+    return Redis.from_url(
+        settings.redis,
+        health_check_interval=10,
+        retry=retry,
+        retry_on_error=[ConnectionError, TimeoutError],
+    )
 
 
 async def write_heartbeat(redis: Redis, settings: Settings, beat: Heartbeat) -> None:
@@ -32,3 +43,21 @@ async def live_workers(redis: Redis, settings: Settings) -> list[Heartbeat]:
     now = time.time()
     beats = [Heartbeat.model_validate_json(raw) for raw in await redis.mget(keys) if raw]
     return [b for b in beats if now - b.ts <= settings.heartbeat_ttl_s]
+
+
+async def cancel(
+    redis: Redis, settings: Settings, request_id: str, reason: str = "cancelled"
+) -> None:
+    """Stop a request wherever it is (`reason`: one of `Cancel.reason`'s values). The key
+    catches it if it is still queued in Kafka (a worker checks at pick-up); the message reaches
+    the worker running it. Both, because pub/sub keeps nothing for whoever is not listening."""
+    cancel = Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
+    pipe = redis.pipeline(transaction=False)
+    ttl_ms = int(settings.request_timeout_s * 1000)  # nobody waits for it longer than this
+    pipe.set(settings.cancelled_key(request_id), "1", px=ttl_ms)
+    pipe.publish(settings.cancel_channel, cancel.model_dump_json())
+    await pipe.execute()
+
+
+async def is_cancelled(redis: Redis, settings: Settings, request_id: str) -> bool:
+    return bool(await redis.exists(settings.cancelled_key(request_id)))

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     batch_requests_topic: str = "sluice.batch.requests"
     batch_results_topic: str = "sluice.batch.results"
     batch_consumer_group: str = "sluice-batch-workers"
+    # A worker starts batch requests only while it holds fewer than this many requests in all
+    # (interactive ones included); interactive ones may go up to max_in_flight. On CPU every
+    # running sequence slows each engine step: keep it small; on a GPU raise it.
+    batch_max_in_flight: int = Field(4, ge=1)
 
     # Model and limits shared by the API (validation) and the workers (engine)
     model: str = DEFAULT_MODEL
@@ -63,6 +67,8 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(1024, ge=16)
     enforce_eager: bool = True
+    # priority: vLLM schedules waiting interactive requests (priority 0) before batch ones (1)
+    scheduling_policy: Literal["fcfs", "priority"] = "priority"
 
     # Worker
     worker_id: str = Field(default_factory=_default_worker_id)
@@ -119,10 +125,26 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     # >1: several uvicorn processes; /metrics merges them (prometheus multiprocess mode)
     api_workers: int = Field(1, ge=1)
+    # API keys (`sluice keys`); `sluice up` turns this off for local use unless set explicitly
+    auth_enabled: bool = True
+    # Each key's limits unless it has its own (`sluice keys create --rpm/--tpm`); 0: none.
+    # Tokens are counted at admission: prompt tokens + max_tokens.
+    rate_limit_rpm: int = Field(600, ge=0)
+    rate_limit_tpm: int = Field(200_000, ge=0)
+    # Largest request body; POST /documents may carry SLUICE_MAX_DOCUMENT_BYTES on top of it
+    max_body_bytes: int = Field(2**20, ge=1024)
+    max_messages: int = Field(256, ge=1)
+    # Backpressure (api/backpressure.py): beyond these, 429 with Retry-After
+    max_queued_per_worker: int = Field(128, ge=1)  # requests waiting in Kafka per live worker
+    max_open_requests: int = Field(2048, ge=1)  # per API process: bounds its memory
 
     @property
     def dlq_topic(self) -> str:
         return f"{self.requests_topic}.dlq"
+
+    @property
+    def batch_dlq_topic(self) -> str:
+        return f"{self.batch_requests_topic}.dlq"
 
     @property
     def ingest_dlq_topic(self) -> str:
@@ -135,6 +157,14 @@ class Settings(BaseSettings):
     def cancel_channel(self) -> str:
         """Where Cancel messages go; every worker listens and the holder aborts."""
         return f"{self.redis_prefix}:cancel"
+
+    def events_key(self, request_id: str) -> str:
+        """The Redis stream holding a request's events, for replay and Last-Event-ID resume."""
+        return f"{self.redis_prefix}:events:{request_id}"
+
+    def cancelled_key(self, request_id: str) -> str:
+        """Set on cancel, so that a request still queued in Kafka is dropped at pick-up."""
+        return f"{self.redis_prefix}:cancelled:{request_id}"
 
     def stream_channel(self, request_id: str) -> str:
         return f"{self.redis_prefix}:stream:{request_id}"

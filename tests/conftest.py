@@ -74,11 +74,16 @@ def make_settings(services: Services, **overrides: object) -> Settings:
         "milvus_uri": services.milvus,
         "collection": f"sluice_test_{tag}",
         "consumer_group": f"sluice-workers-{tag}",
+        "batch_requests_topic": f"sluice.batch.requests.{tag}",
+        "batch_results_topic": f"sluice.batch.results.{tag}",
+        "batch_consumer_group": f"sluice-batch-workers-{tag}",
         "requests_partitions": 4,
         "worker_metrics_port": 0,
         "ingestion_metrics_port": 0,
         "heartbeat_interval_s": 0.5,
         "heartbeat_ttl_s": 2.0,
+        # Off like `sluice up`'s local mode; the auth tests (tests/test_auth_e2e.py) turn it on.
+        "auth_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -24,10 +24,16 @@ class FakeEngine:
         # Wall span in which the engine had work (tests compare cost attribution with it).
         self.busy_since: float | None = None
         self.busy_until: float | None = None
+        self.generated: list[str] = []  # request ids in the order they were started
+        self.completed: list[str] = []  # ... and in the order they ran to the end
+        self.priorities: dict[str, int] = {}
+        self.aborted: list[str] = []
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]:
         if request.prompt == "reject me":
             raise RequestRejected("prompt refused by the fake engine")
+        self.generated.append(request.request_id)
+        self.priorities[request.request_id] = priority
         self.running.add(request.request_id)
         self.started.set()
         self.busy_since = self.busy_since or time.monotonic()
@@ -42,11 +48,13 @@ class FakeEngine:
                     prompt_tokens=3,
                     finish_reason="length" if i == n - 1 else None,
                 )
+            self.completed.append(request.request_id)
         finally:
             self.running.discard(request.request_id)
             self.busy_until = time.monotonic()
 
     async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
         self.running.discard(request_id)
 
     def num_running(self) -> int:

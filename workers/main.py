@@ -3,6 +3,17 @@
 Delivery is at-least-once: an offset is committed only when its request (and every earlier one
 of the partition) has finished, so a worker that dies leaves its requests to be redelivered.
 A worker at `max_in_flight` pauses its partitions and leaves the rest in Kafka for others.
+
+Interactive traffic comes first (workers/feed.py). Each round the worker polls the requests
+topic; only when that brought nothing does it take batch requests, and only while it holds
+fewer than `batch_max_in_flight` requests in all, so interactive arrivals always find room and
+push batch work out. In the engine, interactive requests have priority 0 and batch ones 1.
+Batch requests are not streamed: their result goes to the batch results topic
+(workers/sinks.py).
+
+A request stops early at its deadline (finish_reason "timeout") or when cancelled through Redis
+("abort", workers/cancel.py); one already expired or cancelled when picked up is never run.
+Either way it ends with a done event and its offset is committed: it is handled, not redelivered.
 """
 
 from __future__ import annotations
@@ -12,38 +23,32 @@ import logging
 import signal
 import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import kafka, metrics
 from shared import redis as sredis
 from shared.ledger import Ledger
-from shared.messages import (
-    DoneEvent,
-    ErrorEvent,
-    GenerationRequest,
-    Heartbeat,
-    Timings,
-    Token,
-    Usage,
-)
+from shared.messages import GenerationRequest, Heartbeat
 from shared.settings import Settings
-from workers import engines
+from workers import cancel, engines
+from workers.cancel import Running, StopReason
 from workers.cost import CostMeter
 from workers.engines.base import Engine, EngineDead, RequestRejected
+from workers.feed import Feed
 from workers.gpu import register_gpu_metrics
-from workers.offsets import OffsetTracker
 from workers.publisher import Publisher
+from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
 from workers.utilization import sample_utilization
 
 log = logging.getLogger("sluice.worker")
 
-
-def _ms_since(t: float, now: float) -> float:
-    return round(max(0.0, now - t) * 1000, 2)
+INTERACTIVE, BATCH = 0, 1  # engine priorities: lower is scheduled sooner
+BATCH_POLL_INTERVAL_MS = 3_600_000
 
 
 class Worker:
@@ -55,20 +60,34 @@ class Worker:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
         stopping: asyncio.Event | None = None,
+        batch_consumer: AIOKafkaConsumer | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.redis = redis
-        self.consumer = consumer
         self.producer = producer
         self.publisher = Publisher(redis, settings)
-        self.offsets = OffsetTracker()
         self.cost = CostMeter(settings, engine.model)
         self.ledger = Ledger(redis, settings)
-        self.tasks: set[asyncio.Task[None]] = set()
+        s = settings
+        self.interactive = Feed(
+            "interactive", consumer, s.requests_topic, s.consumer_group, s.dlq_topic, INTERACTIVE
+        )
+        self.batch = None
+        if batch_consumer is not None:
+            self.batch = Feed(
+                "batch", batch_consumer, s.batch_requests_topic, s.batch_consumer_group,
+                s.batch_dlq_topic, BATCH,
+            )  # fmt: skip
+        self.feeds = [f for f in (self.interactive, self.batch) if f is not None]
+        self.held: dict[str, Running] = {}  # request id -> the request being served
         self.stopping = stopping or asyncio.Event()
         self._freed = asyncio.Event()
         self._fatal: BaseException | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(feed.tasks) for feed in self.feeds)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -77,8 +96,11 @@ class Worker:
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(sample_utilization(self.engine, self.cost)),
-            asyncio.create_task(kafka.report_lag(self.consumer, self.settings.consumer_group)),
             asyncio.create_task(record_usage(self.ledger)),
+            asyncio.create_task(
+                cancel.listen(self.redis, self.settings, self.cancel, self.held.keys)
+            ),
+            *(asyncio.create_task(kafka.report_lag(f.consumer, f.group)) for f in self.feeds),
         ]
         try:
             while not self.stopping.is_set():
@@ -97,44 +119,59 @@ class Worker:
             raise self._fatal
 
     async def _poll_once(self) -> None:
-        capacity = self.settings.max_in_flight - len(self.tasks)
-        if capacity <= 0:
+        room = self.settings.max_in_flight - self.in_flight
+        if room <= 0:
             # Full: stop fetching (records stay in Kafka for other workers), keep the group
             # membership alive, and wake as soon as a request finishes.
-            self.consumer.pause(*self.consumer.assignment())
+            await self.interactive.hold()
             self._freed.clear()
             try:
                 await asyncio.wait_for(self._freed.wait(), timeout=1.0)
             except TimeoutError:
-                await self.consumer.getmany(timeout_ms=0)
+                pass
             return
-        self.consumer.resume(*self.consumer.paused())
-        batch = await self.consumer.getmany(
-            timeout_ms=self.settings.poll_timeout_ms,
-            max_records=min(capacity, self.settings.poll_max_records),
-        )
-        # Everything in the batch goes to the engine at once; vLLM batches them continuously.
-        for tp, records in batch.items():
-            for record in records:
-                await self._accept(tp, record)
+        taken = await self._take(self.interactive, room, self.settings.poll_timeout_ms)
+        # Batch work only with spare capacity: when the interactive poll brought nothing, and
+        # only while the worker holds fewer than batch_max_in_flight requests in all, so that
+        # interactive load pushes batch work out. Otherwise the batch consumer is left alone,
+        # neither polled nor paused: pausing drops what it has fetched, and with a backlog each
+        # resume would fetch megabytes again (it may go unpolled for long, see serve()).
+        batch_room = min(room, self.settings.batch_max_in_flight - self.in_flight)
+        if self.batch is not None and taken == 0 and batch_room > 0:
+            await self._take(self.batch, batch_room, timeout_ms=0)
 
-    async def _accept(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        self.offsets.started(tp, record.offset)
+    async def _take(self, feed: Feed, room: int, timeout_ms: int) -> int:
+        records = await feed.take(min(room, self.settings.poll_max_records), timeout_ms)
+        # Everything taken goes to the engine at once; vLLM batches them continuously.
+        for tp, record in records:
+            await self._accept(feed, tp, record)
+        return len(records)
+
+    async def _accept(self, feed: Feed, tp: TopicPartition, record: ConsumerRecord) -> None:
+        feed.offsets.started(tp, record.offset)
         try:
             request = GenerationRequest.model_validate_json(record.value or b"")
         except ValidationError as e:
-            await self._dead_letter(record, _reason(e))
-            self.offsets.finished(tp, record.offset)
+            await kafka.dead_letter(self.producer, feed.dlq_topic, record, _reason(e))
+            feed.offsets.finished(tp, record.offset)
             return
         metrics.KAFKA_QUEUE_TIME.labels(record.topic).observe(
             max(0.0, time.time() - request.enqueued_at)
         )
-        task = asyncio.create_task(self._serve(request, record))
-        self.tasks.add(task)
-        task.add_done_callback(lambda t: self._finished(t, tp, record.offset))
+        # Held before anything can await, so a Cancel from now on finds it.
+        running = Running(request, feed)
+        self.held[request.request_id] = running
+        task = asyncio.create_task(self._serve(running, record))
+        feed.tasks.add(task)
+        task.add_done_callback(lambda t: self._finished(t, running, tp, record.offset))
 
-    def _finished(self, task: asyncio.Task[None], tp: TopicPartition, offset: int) -> None:
-        self.tasks.discard(task)
+    def _finished(
+        self, task: asyncio.Task[None], running: Running, tp: TopicPartition, offset: int
+    ) -> None:
+        feed = running.feed
+        feed.tasks.discard(task)
+        if self.held.get(running.request.request_id) is running:
+            del self.held[running.request.request_id]
         self._freed.set()
         if task.cancelled():
             return  # not finished: leave the offset uncommitted so the request is redelivered
@@ -145,99 +182,125 @@ class Worker:
             return
         if exc is not None:
             log.error("request at %s@%d failed outside the engine: %r", tp, offset, exc)
-        self.offsets.finished(tp, offset)
+        feed.offsets.finished(tp, offset)
+
+    def cancel(self, request_id: str) -> None:
+        """A Cancel arrived; every worker hears it, the one holding the request stops it."""
+        running = self.held.get(request_id)
+        if running is not None:
+            log.info("cancelling %s", request_id)
+            running.stop("abort")
 
     async def commit(self) -> None:
-        ready = self.offsets.committable()
-        if not ready:
-            return
-        try:
-            await self.consumer.commit(ready)
-        except Exception as e:  # e.g. a rebalance took the partition: the new owner redoes it
-            log.warning("commit of %s failed: %s", ready, e)
-            return
-        self.offsets.mark_committed(ready)
+        for feed in self.feeds:
+            await feed.commit()
 
     async def _drain(self) -> None:
         """Graceful stop: no new polls; let in-flight requests finish, then commit them."""
-        if self.tasks and self._fatal is None:
-            log.info("draining %d in-flight requests", len(self.tasks))
-            await asyncio.wait(self.tasks, timeout=self.settings.drain_timeout_s)
-        for task in list(self.tasks):
+        tasks = [t for feed in self.feeds for t in feed.tasks]
+        if tasks and self._fatal is None:
+            log.info("draining %d in-flight requests", len(tasks))
+            await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+        for task in tasks:
             task.cancel()
         if self._fatal is None:
             await self.commit()
 
     # -- one request ------------------------------------------------------------------------
 
-    async def _generate(self, request: GenerationRequest, record: ConsumerRecord) -> None:
-        rid = request.request_id
+    async def _serve(self, running: Running, record: ConsumerRecord) -> None:
+        request = running.request
+        sink = self._sink(running, record)
         picked_at = time.time()
-        next_index = 0
-        first_token_at: float | None = None
-        prompt_tokens = 0
-        finish_reason = "stop"
+        try:
+            refused = await self._refused(running)
+            if refused is not None:
+                log.info("dropping %s unrun: %s", request.request_id, refused)
+                await sink.done(
+                    done_event(request, Progress(finish_reason=refused), picked_at, 0.0)
+                )
+                return
+            await self._generate(running, sink, record.topic, picked_at)
+        finally:
+            self.cost.discard(request.request_id)  # a no-op unless it was cancelled
+
+    def _sink(self, running: Running, record: ConsumerRecord) -> Sink:
+        request = running.request
+        if running.feed.batch:
+            return BatchSink(self.producer, self.settings.batch_results_topic, request)
+
+        async def dead_letter(reason: str) -> None:
+            await kafka.dead_letter(self.producer, running.feed.dlq_topic, record, reason)
+
+        return StreamSink(self.publisher, request.request_id, dead_letter)
+
+    async def _refused(self, running: Running) -> StopReason | None:
+        """Why a request must not start: nobody waits for it any more."""
+        if running.expired:
+            return "timeout"
+        if running.stop_reason is None:
+            try:
+                if await sredis.is_cancelled(self.redis, self.settings, running.request.request_id):
+                    return "abort"
+            except RedisError as e:  # run it: a missed cancel costs engine time, nothing else
+                log.warning("cancel check failed: %s", e)
+        return running.stop_reason
+
+    async def _generate(self, running: Running, sink: Sink, topic: str, picked_at: float) -> None:
+        request = running.request
+        rid, tenant = request.request_id, request.tenant or "default"
+        progress = Progress()
         self.cost.start(rid)
         try:
-            async for delta in self.engine.generate(request):
-                prompt_tokens = delta.prompt_tokens
-                finish_reason = delta.finish_reason or finish_reason
-                if delta.num_tokens == 0:
-                    continue
-                # The prompt's tokens count once, with the first token (it was prefilled).
-                prefilled = prompt_tokens if first_token_at is None else 0
-                self.cost.tokens(rid, delta.num_tokens + prefilled)
-                if first_token_at is None:
-                    first_token_at = time.time()
-                self.publisher.tokens(rid, _tokens(next_index, delta.num_tokens, delta.text))
-                next_index += delta.num_tokens
+            await self._stream(running, sink, progress)
         except RequestRejected as e:
-            self.cost.finish(rid)
-            await self._dead_letter(record, f"rejected by engine: {e}")
-            await self.publisher.finish(rid, ErrorEvent(request_id=rid, message=str(e)))
+            self.cost.finish(rid, tenant)
+            await sink.rejected(str(e))
             return
         except EngineDead:
             raise
         except Exception as e:
             log.exception("request %s failed", rid)
-            self.cost.finish(rid)
-            await self.publisher.finish(
-                rid, ErrorEvent(request_id=rid, message=f"engine error: {e}")
-            )
+            self.cost.finish(rid, tenant)
+            await sink.failed(str(e))
             return
-        now = time.time()
-        seconds, dollars = self.cost.finish(rid)
+        seconds, dollars = self.cost.finish(rid, tenant)
         add_request(
             self.ledger,
-            topic=record.topic,
-            tenant="default",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=next_index,
+            topic=topic,
+            tenant=tenant,
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
             seconds=seconds,
             dollars=dollars,
         )
-        done = DoneEvent(
-            request_id=rid,
-            finish_reason=finish_reason,  # type: ignore[arg-type]
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=next_index),
-            timings=Timings(
-                queue_ms=_ms_since(request.enqueued_at, picked_at),
-                ttft_ms=_ms_since(request.enqueued_at, first_token_at or now),
-                e2e_ms=_ms_since(request.enqueued_at, now),
-            ),
-            cost_usd=dollars,
-        )
-        # Only once the done event is in Redis does the request count as finished in Kafka.
-        await self.publisher.finish(rid, done)
+        # Only once the outcome is stored does the request count as finished in Kafka.
+        await sink.done(done_event(request, progress, picked_at, dollars))
 
-    async def _serve(self, request: GenerationRequest, record: ConsumerRecord) -> None:
+    async def _stream(self, running: Running, sink: Sink, p: Progress) -> None:
+        """Relay the engine's deltas to the sink until the request ends or is stopped."""
+        rid = running.request.request_id
         try:
-            await self._generate(request, record)
-        finally:
-            self.cost.discard(request.request_id)  # a no-op unless it was cancelled
-
-    async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        await kafka.dead_letter(self.producer, self.settings.dlq_topic, record, reason)
+            async with running.stoppable():
+                stream = self.engine.generate(running.request, priority=running.feed.priority)
+                async for delta in stream:
+                    p.prompt_tokens = delta.prompt_tokens
+                    p.finish_reason = delta.finish_reason or p.finish_reason
+                    if delta.num_tokens == 0:
+                        continue
+                    # The prompt's tokens count once, with the first token (it was prefilled).
+                    prefilled = p.prompt_tokens if p.first_token_at is None else 0
+                    self.cost.tokens(rid, delta.num_tokens + prefilled)
+                    if p.first_token_at is None:
+                        p.first_token_at = time.time()
+                    sink.tokens(p.completion_tokens, delta.num_tokens, delta.text)
+                    p.completion_tokens += delta.num_tokens
+        except TimeoutError:
+            if not running.interrupted:
+                raise  # the engine's own, not our deadline or a cancel
+            p.finish_reason = running.finish_reason
+            # Closing the stream already aborts it in vLLM; this makes sure for any engine.
+            await self.engine.abort(rid)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -245,21 +308,16 @@ class Worker:
                 worker_id=self.settings.worker_id,
                 engine=self.engine.name,
                 model=self.engine.model,
-                in_flight=len(self.tasks),
+                in_flight=self.in_flight,
                 ts=time.time(),
+                lag=metrics.reported_lag(self.settings.requests_topic),
             )
             try:
                 await sredis.write_heartbeat(self.redis, self.settings, beat)
             except Exception as e:
                 log.warning("heartbeat failed: %s", e)
-            metrics.IN_FLIGHT.set(len(self.tasks))
+            metrics.IN_FLIGHT.set(self.in_flight)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-
-
-def _tokens(start: int, count: int, text: str) -> list[Token]:
-    """One event per token. When a delta holds several tokens (vLLM may group them), the text
-    rides on the last one, so indices stay exact and the texts still concatenate."""
-    return [Token(index=start + i, text=text if i == count - 1 else "") for i in range(count)]
 
 
 def _reason(error: ValidationError) -> str:
@@ -268,40 +326,41 @@ def _reason(error: ValidationError) -> str:
     return f"invalid request message: {where}: {first['msg']} ({error.error_count()} errors)"
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Commit what finished while we still own it; the rest is redelivered to the new owner.
-        await self._worker.commit()
-        self._worker.offsets.forget(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
-
-
 async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None = None) -> None:
     """Run a worker on `engine` until SIGINT/SIGTERM (or `stop` is set, for tests)."""
     await kafka.ensure_topics(settings)
     redis = sredis.connect(settings)
     producer = kafka.make_producer(settings)
     consumer = kafka.make_consumer(settings)
-    worker = Worker(settings, engine, redis, consumer, producer, stopping=stop)
-    consumer.subscribe([settings.requests_topic], listener=_Rebalance(worker))
+    # Not polled while interactive traffic keeps the worker busy or its batch slots are full,
+    # possibly for long: it must not count as gone (a rebalance) meanwhile.
+    batch_consumer = kafka.make_consumer(
+        settings, group=settings.batch_consumer_group, max_poll_interval_ms=BATCH_POLL_INTERVAL_MS
+    )
+    worker = Worker(
+        settings, engine, redis, consumer, producer, stopping=stop, batch_consumer=batch_consumer
+    )
+    for feed in worker.feeds:
+        feed.subscribe()
     await producer.start()
-    await consumer.start()
+    # Together: each start waits for its group join, seconds on the dev broker.
+    await asyncio.gather(*(feed.consumer.start() for feed in worker.feeds))
     if stop is None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stopping.set)
     log.info(
-        "worker %s serving %s on %s", settings.worker_id, engine.model, settings.requests_topic
+        "worker %s serving %s on %s (batch: %s)",
+        settings.worker_id,
+        engine.model,
+        settings.requests_topic,
+        settings.batch_requests_topic,
     )
     try:
         await worker.run()
     finally:
-        await consumer.stop()
+        for feed in worker.feeds:
+            await feed.consumer.stop()
         await producer.stop()
         await redis.aclose()
 

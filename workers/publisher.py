@@ -4,6 +4,10 @@ The first token of a request is published at once (it is the client's TTFT); lat
 gathered for up to `stream_interval_ms` and go out as one `TokensEvent` per request, all
 requests of a flush in one pipelined round trip. Per request the order is kept: tokens first,
 then the terminal done/error event.
+
+Every event also goes to the request's capped, expiring Redis stream: pub/sub keeps nothing, so
+the stream is what lets an API that restarted (or reconnected to Redis) replay what it missed,
+and a client resume with Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Publisher:
         self._redis = redis
         self._settings = settings
         self._interval = settings.stream_interval_ms / 1000
+        # One event per token at most, plus the terminal one
+        self._cap = {"maxlen": settings.max_tokens_limit + 8, "approximate": True}
+        self._ttl = int(settings.request_timeout_s) + 60
         self._pending: dict[str, _Pending] = {}
         self._urgent = asyncio.Event()
         self._has_data = asyncio.Event()
@@ -73,11 +80,16 @@ class Publisher:
         now = time.time()
         for request_id, pending in batch.items():
             channel = self._settings.stream_channel(request_id)
+            events = []
             if pending.tokens:
-                event = TokensEvent(tokens=pending.tokens, published_at=now)
-                pipe.publish(channel, event.model_dump_json())
+                events.append(TokensEvent(tokens=pending.tokens, published_at=now))
             if pending.terminal is not None:
-                pipe.publish(channel, pending.terminal.model_dump_json())
+                events.append(pending.terminal)
+            for event in events:
+                data = event.model_dump_json()
+                pipe.publish(channel, data)
+                pipe.xadd(self._settings.events_key(request_id), {"e": data}, **self._cap)
+            pipe.expire(self._settings.events_key(request_id), self._ttl)
         try:
             await pipe.execute()
         except Exception:

@@ -34,7 +34,9 @@ class Engine(Protocol):
     name: str
     model: str
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+    # priority: lower is scheduled sooner (interactive 0, batch 1); a backend without a
+    # priority scheduler may ignore it.
+    def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]: ...
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -45,7 +45,9 @@ class TransformersEngine:
         manager.start()
         return cls(model, tokenizer, manager, settings)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]:
+        # `priority` is ignored: the manager schedules first come, first served. Here only the
+        # worker's poll order and batch level (SLUICE_BATCH_MAX_IN_FLIGHT) favour interactive.
         s = request.sampling
         if s.seed is not None:
             raise RequestRejected("seed is not supported by the transformers engine")

@@ -35,7 +35,7 @@ class VllmEngine:
         args = AsyncEngineArgs(**engine_args(settings), enable_log_requests=False)
         return cls(AsyncLLM.from_engine_args(args), settings.model)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -55,7 +55,7 @@ class VllmEngine:
         self._running.add(request.request_id)
         try:
             stream = self._llm.generate(
-                TokensPrompt(prompt_token_ids=ids), params, request.request_id
+                TokensPrompt(prompt_token_ids=ids), params, request.request_id, priority=priority
             )
             async for out in stream:
                 completion = out.outputs[0]
@@ -98,6 +98,9 @@ def engine_args(settings: Settings) -> dict[str, Any]:
         enforce_eager=settings.enforce_eager,
         enable_prefix_caching=settings.enable_prefix_caching,
         enable_chunked_prefill=settings.enable_chunked_prefill,
+        # With "priority", waiting interactive requests are scheduled before waiting batch
+        # ones, and batch ones are preempted first when the KV cache runs out.
+        scheduling_policy=settings.scheduling_policy,
     )
     if settings.block_size is not None:
         args["block_size"] = settings.block_size

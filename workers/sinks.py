@@ -1,0 +1,161 @@
+"""Where a request's output goes: streamed to its Redis channel (interactive requests), or
+gathered into one `BatchResult` on the batch results topic (batch requests).
+
+Either way the terminal call returns only once the outcome is stored (in Redis, in Kafka): only
+then may the worker count the request as done and commit its offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from shared.messages import (
+    BatchResult,
+    DoneEvent,
+    ErrorEvent,
+    GenerationRequest,
+    Timings,
+    Token,
+    Usage,
+)
+from workers.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What a request has produced so far."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str = "stop"
+
+
+def done_event(
+    request: GenerationRequest, p: Progress, picked_at: float, dollars: float
+) -> DoneEvent:
+    """The terminal event of a request (the sinks of batch requests turn it into a
+    BatchResult). Timings are from `enqueued_at`, the API's clock."""
+    now = time.time()
+    return DoneEvent(
+        request_id=request.request_id,
+        finish_reason=p.finish_reason,  # type: ignore[arg-type]
+        usage=Usage(prompt_tokens=p.prompt_tokens, completion_tokens=p.completion_tokens),
+        timings=Timings(
+            queue_ms=_ms_since(request.enqueued_at, picked_at),
+            ttft_ms=_ms_since(request.enqueued_at, p.first_token_at or now),
+            e2e_ms=_ms_since(request.enqueued_at, now),
+        ),
+        cost_usd=dollars,
+    )
+
+
+class Sink(Protocol):
+    def tokens(self, start: int, count: int, text: str) -> None: ...
+
+    async def done(self, event: DoneEvent) -> None: ...
+
+    async def rejected(self, message: str) -> None:
+        """The engine refused the request."""
+
+    async def failed(self, message: str) -> None:
+        """The engine failed on the request."""
+
+
+class StreamSink:
+    def __init__(
+        self,
+        publisher: Publisher,
+        request_id: str,
+        dead_letter: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._publisher = publisher
+        self._rid = request_id
+        self._dead_letter = dead_letter
+        self._chars = 0  # of text published so far: a token's offset
+
+    def tokens(self, start: int, count: int, text: str) -> None:
+        self._publisher.tokens(self._rid, _tokens(start, count, text, self._chars))
+        self._chars += len(text)
+
+    async def done(self, event: DoneEvent) -> None:
+        await self._publisher.finish(self._rid, event)
+
+    async def rejected(self, message: str) -> None:
+        await self._dead_letter(f"rejected by engine: {message}")
+        await self._publisher.finish(self._rid, ErrorEvent(request_id=self._rid, message=message))
+
+    async def failed(self, message: str) -> None:
+        event = ErrorEvent(request_id=self._rid, message=f"engine error: {message}")
+        await self._publisher.finish(self._rid, event)
+
+
+class BatchSink:
+    """Nobody watches a batch request stream: its text is gathered and produced once, keyed by
+    request id. Rejections and failures become results too (`error` set), so that a submitter
+    waiting for N results gets N."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, request: GenerationRequest) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._request = request
+        self._parts: list[str] = []
+
+    def tokens(self, start: int, count: int, text: str) -> None:
+        self._parts.append(text)
+
+    async def done(self, event: DoneEvent) -> None:
+        await self._send(
+            event.finish_reason, event.usage, cost_usd=event.cost_usd, text="".join(self._parts)
+        )
+
+    async def rejected(self, message: str) -> None:
+        await self._send("error", Usage(prompt_tokens=0, completion_tokens=0), error=message)
+
+    async def failed(self, message: str) -> None:
+        await self.rejected(f"engine error: {message}")
+
+    async def _send(self, finish_reason: str, usage: Usage, **fields: object) -> None:
+        result = BatchResult(
+            request_id=self._request.request_id,
+            correlation=self._request.correlation,
+            finish_reason=finish_reason,  # type: ignore[arg-type]
+            usage=usage,
+            finished_at=time.time(),
+            **fields,  # type: ignore[arg-type]
+        )
+        value, key = result.model_dump_json().encode(), result.request_id.encode()
+        # The offset is committed only after this returns (at-least-once), so keep trying; a
+        # worker that stops meanwhile cancels this and the request is redelivered.
+        while True:
+            try:
+                await self._producer.send_and_wait(self._topic, value=value, key=key)
+                return
+            except KafkaError as e:
+                log.warning("producing the result of %s failed (%s); retrying", key, e)
+                await asyncio.sleep(1.0)
+
+
+def _ms_since(t: float, now: float) -> float:
+    return round(max(0.0, now - t) * 1000, 2)
+
+
+def _tokens(start: int, count: int, text: str, offset: int) -> list[Token]:
+    """One event per token. When a delta holds several tokens (vLLM may group them), the text
+    rides on the last one, so indices stay exact and the texts still concatenate. `offset`
+    (where the text starts in the completion) lets the API trim a replayed generation that
+    grouped tokens differently."""
+    return [
+        Token(index=start + i, text=text if i == count - 1 else "", offset=offset)
+        for i in range(count)
+    ]
