@@ -6,9 +6,12 @@ sluice up                    the whole stack on this machine (what `make run` do
 sluice down                  stop what `sluice up` started
 sluice model prepare         convert the bundled default model once
 sluice cost report [--window 1h]   fleet cost, monthly projections, recommendations
+sluice keys create --tenant NAME [--rpm N] [--tpm N] | list | revoke KEY_ID   API keys
+sluice batch submit FILE.jsonl [--wait] | collect [--ids F.ids] [--out F.jsonl]   batch jobs
 sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
 sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv,
-                             rag, cost (see docs/BENCHMARKS.md; `sluice bench NAME --help`)
+                             rag, cost, flood, priority (see docs/BENCHMARKS.md;
+                             `sluice bench NAME --help`)
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from shared.settings import Settings
 
 RUN_DIR = Path(".run")
 SAMPLES = Path(__file__).resolve().parent / "data"
@@ -38,6 +47,9 @@ def _up(args: argparse.Namespace) -> None:
     from shared.settings import Settings
 
     settings = Settings()
+    # Local mode: no API keys to create first, unless SLUICE_AUTH_ENABLED says otherwise.
+    if "auth_enabled" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"auth_enabled": False})
     prepare_default_model(settings)
     RUN_DIR.mkdir(exist_ok=True)
     services = {}
@@ -79,6 +91,11 @@ def _up(args: argparse.Namespace) -> None:
         shutdown()
     _ingest_samples(settings)
     print(f"\nSluice is ready at {stack.url}\n\n{CURL_EXAMPLE.format(url=stack.url)}\n")
+    if settings.auth_enabled:
+        print("API keys are required (SLUICE_AUTH_ENABLED=true): `sluice keys create --tenant")
+        print("NAME`, then add -H 'Authorization: Bearer <key>' to the examples.\n")
+    else:
+        print("Auth is off (local mode): set SLUICE_AUTH_ENABLED=true to require API keys.\n")
     print(f"Ask the sample documents (data/):\n\n{RAG_EXAMPLE.format(url=stack.url)}\n")
     print("Ctrl-C (or `make stop`) stops everything started here.")
     while all(p.poll() is None for p in everything):
@@ -187,7 +204,68 @@ def _cost(args: argparse.Namespace) -> None:
     print(report.model_dump_json(indent=2) if args.json else cost.render(report))
 
 
-BENCHMARKS = ("serving", "engines", "precision", "prefix", "kv", "rag", "cost")
+def _keys(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pydantic import ValidationError
+    from redis.exceptions import RedisError
+
+    from shared import redis as sredis
+    from shared.settings import Settings
+
+    settings = Settings()
+
+    async def run() -> None:
+        redis = sredis.connect(settings)
+        try:
+            await _keys_action(args, redis, settings)
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(run())
+    except ValidationError as e:  # a tenant outside apikeys.TENANT_PATTERN, a negative limit
+        error = e.errors()[0]
+        sys.exit(f"invalid {error['loc'][0]}: {error['msg']}")
+    except RedisError as e:
+        sys.exit(f"cannot reach Redis at {settings.redis} (SLUICE_REDIS): {e}")
+
+
+async def _keys_action(args: argparse.Namespace, redis: Redis, settings: Settings) -> None:
+    from shared import apikeys
+
+    if args.action == "create":
+        key, record = await apikeys.create(redis, settings, args.tenant, args.rpm, args.tpm)
+        if args.json:
+            print(json.dumps({"key": key, **record.model_dump()}))
+            return
+        print(f"key_id  {record.key_id}\ntenant  {record.tenant}\nkey     {key}")
+        print("\nThe key is shown only now (Sluice keeps its hash): store it somewhere safe.")
+        if not settings.auth_enabled:
+            print("Note: SLUICE_AUTH_ENABLED is false here, so the API does not ask for keys.")
+    elif args.action == "list":
+        records = await apikeys.list_keys(redis, settings)
+        if args.json:
+            print(json.dumps([r.model_dump() for r in records]))
+            return
+        print(f"{'KEY_ID':14}{'TENANT':22}{'CREATED':21}{'RPM':>9}{'TPM':>9}  STATE")
+        for r in records:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
+            rpm, tpm = (
+                "default" if v is None else str(v) for v in (r.requests_per_min, r.tokens_per_min)
+            )
+            state = "revoked" if r.revoked else "active"
+            print(f"{r.key_id:14}{r.tenant:22}{created:21}{rpm:>9}{tpm:>9}  {state}")
+    else:
+        record = await apikeys.revoke(redis, settings, args.key_id)
+        if record is None:
+            sys.exit(f"no API key {args.key_id!r}")
+        print(f"revoked {record.key_id} (tenant {record.tenant})")
+
+
+BENCHMARKS = (
+    "serving", "engines", "precision", "prefix", "kv", "rag", "cost", "flood", "priority",
+)  # fmt: skip
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -196,6 +274,38 @@ def _bench(args: argparse.Namespace) -> None:
     rest = args.rest
     name = rest.pop(0) if rest and rest[0] in BENCHMARKS else "serving"
     importlib.import_module(f"bench.{name}").main(rest)
+
+
+def _batch(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from shared import batch
+    from shared.settings import Settings
+
+    settings = Settings()
+    if args.action == "submit":
+        try:
+            requests = batch.read_requests(args.file, settings, args.tenant)
+        except ValueError as e:
+            sys.exit(str(e))
+        asyncio.run(batch.submit(settings, requests))
+        ids = [r.request_id for r in requests]
+        ids_file = args.file.with_suffix(".ids")
+        ids_file.write_text("".join(f"{i}\n" for i in ids))
+        print(f"submitted {len(ids)} to {settings.batch_requests_topic}; ids in {ids_file}")
+        if not args.wait:
+            return
+        out = args.out or args.file.with_suffix(".results.jsonl")
+    else:
+        ids = args.ids.read_text().split() if args.ids else None
+        out = args.out
+    results = asyncio.run(batch.collect(settings, ids, args.timeout))
+    batch.write_results(results, ids, out)
+    if out is not None:
+        print(f"{len(results)} results in {out}")
+    if ids is not None and len(results) < len(ids):
+        missing = len(ids) - len(results)
+        sys.exit(f"{missing} of {len(ids)} results missing after {args.timeout:g} s")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -231,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     cost_cmd.add_argument("--window", default="1h", help="15m, 1h, 24h, 7d (default 1h)")
     cost_cmd.add_argument("--json", action="store_true", help="the GET /cost JSON")
     cost_cmd.set_defaults(fn=_cost)
+    _keys_parser(sub)
+    _batch_parser(sub)
     sub.add_parser("bench", help="serving benchmark", add_help=False).set_defaults(fn=_bench)
     sub.add_parser("eval", help="retrieval evaluation", add_help=False).set_defaults(fn=_eval)
     args, rest = parser.parse_known_args(argv)
@@ -238,6 +350,37 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     args.fn(args)
+
+
+def _keys_parser(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new key for a tenant (printed once)")
+    create.add_argument("--tenant", required=True, help="who pays: cost and limits per tenant")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute (0: none)")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute (0: none)")
+    create.add_argument("--json", action="store_true")
+    listing = actions.add_parser("list", help="every key, revoked ones too (never the key)")
+    listing.add_argument("--json", action="store_true")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    keys.set_defaults(fn=_keys)
+
+
+def _batch_parser(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser("batch", help="batch jobs on Kafka: submit a JSONL file, collect results")
+    actions = cmd.add_subparsers(dest="action", required=True)
+    submit = actions.add_parser("submit", help="one request per line (docs/BATCH.md)")
+    submit.add_argument("file", type=Path, help="JSONL; the request ids go to FILE.ids")
+    submit.add_argument("--tenant", default=None, help="who pays (cost attribution)")
+    submit.add_argument("--wait", action="store_true", help="then collect the results")
+    submit.add_argument("--out", type=Path, default=None, help="default FILE.results.jsonl")
+    collect = actions.add_parser("collect", help="results from the batch results topic")
+    collect.add_argument("--ids", type=Path, default=None, help="only these (a FILE.ids)")
+    collect.add_argument("--out", type=Path, default=None, help="JSONL (default: stdout)")
+    for p in (submit, collect):
+        p.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+    cmd.set_defaults(fn=_batch)
 
 
 if __name__ == "__main__":

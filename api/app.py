@@ -11,20 +11,23 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api.auth import Authenticator, CallerDep, OwnedRequestId, require_caller
 from api.documents import DocumentsHandler
 from api.errors import invalid_field
 from api.health import readiness
-from api.middleware import RequestMetrics
+from api.middleware import BodyLimit, RequestMetrics
 from api.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from api.openai_serving import OpenAIHandler, install_error_handlers
 from api.rag import PromptTemplate, RagHandler
 from api.schemas import (
+    DocIdPath,
     DocumentAccepted,
     GenerateBody,
     GenerateResponse,
@@ -56,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         hub = StreamHub(redis, settings)
         await hub.start()
         app.state.redis, app.state.producer = redis, producer
+        app.state.auth = Authenticator(settings, redis)
         app.state.generate = GenerateHandler(settings, tokenizer, producer, hub)
         app.state.openai = OpenAIHandler(settings, app.state.generate, redis)
         app.state.documents = DocumentsHandler(settings, producer, redis)
@@ -71,27 +75,48 @@ def create_app(settings: Settings) -> FastAPI:
             await redis.aclose()
 
     app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(BodyLimit, settings.max_body_bytes, settings.max_document_bytes)
+    app.add_middleware(RequestMetrics)  # outermost: it counts BodyLimit's 413s too
     install_error_handlers(app)  # OpenAI's error shape on /v1 paths only
 
     @app.post("/generate", response_model=GenerateResponse)
-    async def generate(body: GenerateBody, request: Request) -> Response | GenerateResponse:
+    async def generate(
+        body: GenerateBody, request: Request, caller: CallerDep
+    ) -> Response | GenerateResponse:
         handler: GenerateHandler = request.app.state.generate
         if body.stream:
-            return await handler.stream(body)
-        return await handler.complete(body)
+            return await handler.stream(body, caller=caller)
+        return await handler.complete(body, caller)
 
-    # OpenAI-compatible (api/openai_serving.py): the same Kafka path as /generate. Auth, once
-    # built, is a dependency of this router, so every /v1 route gets it.
-    v1 = APIRouter(prefix="/v1")
+    @app.delete("/requests/{request_id}", status_code=202)
+    async def cancel_request(request_id: OwnedRequestId, request: Request) -> dict[str, str]:
+        """Cancel a queued or running request; it ends with finish_reason "abort"."""
+        await request.app.state.generate.cancel(request_id)
+        return {"request_id": request_id, "status": "cancelling"}
+
+    @app.get("/requests/{request_id}/stream")
+    async def resume_stream(
+        request_id: OwnedRequestId,
+        request: Request,
+        last_event_id: Annotated[int, Header(ge=-1)] = -1,
+    ) -> Response:
+        """Resume an SSE stream after the token whose id the client saw last (`Last-Event-ID`,
+        as EventSource sends it on reconnect); -1 or absent: from the start."""
+        return await request.app.state.generate.resume(request_id, last_event_id)
+
+    # OpenAI-compatible (api/openai_serving.py): the same Kafka path as /generate. Auth is a
+    # dependency of the router, so every /v1 route has it (FastAPI resolves it once a request).
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_caller)])
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await request.app.state.openai.chat(body)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, caller: CallerDep
+    ) -> Response:
+        return await request.app.state.openai.chat(body, caller)
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await request.app.state.openai.completion(body)
+    async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Response:
+        return await request.app.state.openai.completion(body, caller)
 
     @v1.get("/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
@@ -101,30 +126,32 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/rag-generate", response_model=RagGenerateResponse)
     async def rag_generate(
-        body: RagGenerateBody, request: Request
+        body: RagGenerateBody, request: Request, caller: CallerDep
     ) -> Response | RagGenerateResponse:
-        return await request.app.state.rag.answer(body)
+        return await request.app.state.rag.answer(body, caller)
 
     @app.post("/retrieve", response_model=RetrieveResponse)
-    async def retrieve(body: RetrieveBody, request: Request) -> RetrieveResponse:
+    async def retrieve(body: RetrieveBody, request: Request, _: CallerDep) -> RetrieveResponse:
         return await request.app.state.rag.ranked(body)
 
     @app.post("/documents", status_code=202, response_model=DocumentAccepted)
-    async def add_document(request: Request) -> DocumentAccepted:
+    async def add_document(request: Request, _: CallerDep) -> DocumentAccepted:
         """JSON (`DocumentBody`) or a multipart upload: `file`, optional `doc_id`, `title`,
         `metadata` (a JSON object)."""
         return await request.app.state.documents.add(request)
 
     @app.get("/documents/{doc_id:path}", response_model=DocumentStatus)
-    async def document_status(doc_id: str, request: Request) -> DocumentStatus:
+    async def document_status(doc_id: DocIdPath, request: Request, _: CallerDep) -> DocumentStatus:
         return await request.app.state.documents.status(doc_id)
 
     @app.delete("/documents/{doc_id:path}", status_code=202, response_model=DocumentAccepted)
-    async def delete_document(doc_id: str, request: Request) -> DocumentAccepted:
+    async def delete_document(
+        doc_id: DocIdPath, request: Request, _: CallerDep
+    ) -> DocumentAccepted:
         return await request.app.state.documents.delete(doc_id)
 
     @app.get("/cost", response_model=cost.CostReport)
-    async def cost_report(request: Request, window: str = "1h") -> cost.CostReport:
+    async def cost_report(request: Request, _: CallerDep, window: str = "1h") -> cost.CostReport:
         """Cost over the last `window` (15m, 1h, 7d...) for the whole fleet, with monthly
         projections and recommendations (docs/COST.md)."""
         try:

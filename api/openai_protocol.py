@@ -22,10 +22,11 @@ from pydantic import (
     model_serializer,
 )
 
+from api.schemas import Seed, StopString
 from shared.messages import ChatMessage as WireMessage
 from shared.messages import FinishReason
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 
 # Documented OpenAI fields Sluice cannot honour, with the values that mean "off".
 _SHARED_NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -91,11 +92,10 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # Accepted and not yet used: it becomes the tenant for cost attribution once the wire
-    # contract carries one (and, with auth, it will be checked against the caller).
+    # OpenAI's end-user id: accepted, not used (the tenant comes from the API key).
     user: str | None = Field(None, max_length=256)
 
     @field_validator("n")

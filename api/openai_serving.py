@@ -5,8 +5,9 @@ it down the same path as /generate (validation, Kafka, a worker, Redis pub/sub):
 the engine. The stream events come back as OpenAI JSON or `data:` SSE chunks. Errors on /v1 paths
 take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; other paths keep theirs.
 
-Not built yet: authentication. The /v1 router in api/app.py is where it goes (a router
-dependency), and `user` is where its tenant will come from until then.
+Authentication is a dependency of the /v1 router (api/auth.py): the API key's tenant goes on
+the wire message, and its rate limits apply as on /generate (a 429 here is OpenAI's
+`rate_limit_error`, a 401 its `authentication_error`). `user` is accepted and not used.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
+from api.auth import ANONYMOUS, Caller
 from api.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -96,24 +98,25 @@ class OpenAIHandler:
         self.redis = redis
         self.started = int(time.time())
 
-    async def chat(self, body: ChatCompletionRequest) -> Response:
+    async def chat(self, body: ChatCompletionRequest, caller: Caller = ANONYMOUS) -> Response:
         self._check_model(body.model)
         length_param, max_tokens = body.max_tokens_param()
         prompt = {"messages": [m.to_wire() for m in body.messages]}
-        message = self._to_wire(body, prompt, length_param, max_tokens)
+        message = self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
         chunks = ChatChunks(f"chatcmpl-{message.request_id}", body.model, int(time.time()))
         if body.stream:
-            return await self._stream(message, chunks, body.include_usage())
-        text, done = await self._collect(message)
+            return await self._stream(message, chunks, body.include_usage(), caller)
+        text, done = await self._collect(message, caller)
         return _json(chunks.response(text, done), done)
 
-    async def completion(self, body: CompletionRequest) -> Response:
+    async def completion(self, body: CompletionRequest, caller: Caller = ANONYMOUS) -> Response:
         self._check_model(body.model)
-        message = self._to_wire(body, {"prompt": body.prompt_text()}, "max_tokens", body.max_tokens)
+        prompt = {"prompt": body.prompt_text()}
+        message = self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
         chunks = CompletionChunks(f"cmpl-{message.request_id}", body.model, int(time.time()))
         if body.stream:
-            return await self._stream(message, chunks, body.include_usage())
-        text, done = await self._collect(message)
+            return await self._stream(message, chunks, body.include_usage(), caller)
+        text, done = await self._collect(message, caller)
         return _json(chunks.response(text, done), done)
 
     async def models(self) -> ModelList:
@@ -144,6 +147,7 @@ class OpenAIHandler:
         prompt: dict[str, Any],
         length_param: str,
         max_tokens: int | None,
+        tenant: str,
     ) -> GenerationRequest:
         """Through /generate's body and checks, so both APIs validate alike."""
         given = {
@@ -159,21 +163,21 @@ class OpenAIHandler:
         except ValidationError as e:
             raise RequestValidationError(_in_body(e.errors())) from e
         try:
-            return self.generate.to_message(generate)
+            return self.generate.to_message(generate, tenant)
         except RequestValidationError as e:
             raise RequestValidationError(_renamed(e.errors(), "max_tokens", length_param)) from e
 
-    async def _collect(self, message: GenerationRequest) -> tuple[str, DoneEvent]:
-        source = await self.generate.submit(message)
+    async def _collect(self, message: GenerationRequest, caller: Caller) -> tuple[str, DoneEvent]:
+        source = await self.generate.submit(message, caller)
         try:
             return await collect(source)  # RequestFailed: see install_error_handlers
         finally:
             await self.generate.close(message.request_id)
 
     async def _stream(
-        self, message: GenerationRequest, chunks: Chunks, include_usage: bool
+        self, message: GenerationRequest, chunks: Chunks, include_usage: bool, caller: Caller
     ) -> StreamingResponse:
-        source = await self.generate.submit(message)
+        source = await self.generate.submit(message, caller)
 
         async def frames() -> AsyncIterator[bytes]:
             metrics.OPEN_STREAMS.inc()
@@ -315,7 +319,7 @@ def _renamed(errors: Iterable[Any], old: str, new: str) -> list[dict[str, Any]]:
     return [{**e, "loc": tuple(new if p == old else p for p in e["loc"])} for e in errors]
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "constrained-str"}
 
 
 def from_validation(exc: RequestValidationError) -> OpenAIError:

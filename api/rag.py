@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 
+from api.auth import ANONYMOUS, Caller
 from api.errors import invalid_field
 from api.schemas import (
     GenerateBody,
@@ -122,7 +123,9 @@ class RagHandler:
     async def ranked(self, body: RetrieveBody) -> RetrieveResponse:
         return RetrieveResponse(results=sources(await self.retrieve(body)))
 
-    async def answer(self, body: RagGenerateBody) -> StreamingResponse | RagGenerateResponse:
+    async def answer(
+        self, body: RagGenerateBody, caller: Caller = ANONYMOUS
+    ) -> StreamingResponse | RagGenerateResponse:
         passages = self._fit(body, await self.retrieve(body))
         request = GenerateBody(
             messages=self.template.messages(body.query, passages),
@@ -136,8 +139,8 @@ class RagHandler:
         cited = sources(passages)
         if body.stream:
             prelude = sse("sources", {"sources": [s.model_dump() for s in cited]})
-            return await self.generate.stream(request, prelude=prelude)
-        response = await self.generate.complete(request)
+            return await self.generate.stream(request, prelude=prelude, caller=caller)
+        response = await self.generate.complete(request, caller)
         return RagGenerateResponse(**response.model_dump(), sources=cited)
 
     def _fit(self, body: RagGenerateBody, passages: list[Retrieved]) -> list[Retrieved]:

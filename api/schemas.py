@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.messages import (
@@ -17,12 +18,19 @@ from shared.messages import (
     Usage,
 )
 
+# What vLLM refuses would come back from the worker as a 502: an empty stop string, a seed
+# beyond 64 bits. Refused here instead, naming the field.
+StopString = Annotated[str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
 
 class GenerateBody(PromptInput, SamplingOptions):
     """`POST /generate`: OpenAI's field names; unknown fields are rejected, not ignored."""
 
     max_tokens: int | None = Field(None, gt=0)  # type: ignore[assignment]
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # type: ignore[assignment]
+    stop: Stop = None  # type: ignore[assignment]
+    seed: Seed | None = None
     stream: bool = False
     # Give up after this long (queued or running: finish_reason "timeout"); at most, and by
     # default, SLUICE_REQUEST_TIMEOUT_S.
@@ -52,6 +60,8 @@ class GenerateResponse(BaseModel):
 # --- Documents and retrieval (docs/RAG.md)
 
 DOC_ID = Field(None, min_length=1, max_length=DOC_ID_MAX, pattern=DOC_ID_PATTERN)
+# The same rules for `/documents/{doc_id}`: an id no document can have is a 422, not a 500.
+DocIdPath = Annotated[str, Path(min_length=1, max_length=DOC_ID_MAX, pattern=DOC_ID_PATTERN)]
 FilterValue = MetadataValue | list[MetadataValue]
 
 
@@ -121,8 +131,8 @@ class RagGenerateBody(RetrieveBody):
     max_tokens: int | None = Field(None, gt=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    stop: Stop = None
+    seed: Seed | None = None
     stream: bool = False
 
 

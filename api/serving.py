@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,15 +12,45 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
 
+from api.auth import ANONYMOUS, Caller, bind
+from api.backpressure import Admission
 from api.errors import invalid_field
+from api.ratelimit import RateLimiter
 from api.schemas import GenerateBody, GenerateResponse
-from api.streaming import Clock, Event, RequestFailed, StreamHub, collect, events, sse_frames
-from shared.messages import GenerationRequest
+from api.streaming import (
+    Clock,
+    Event,
+    Relayed,
+    RequestFailed,
+    StreamHub,
+    collect,
+    events,
+    sse_frames,
+)
+from shared import redis as sredis
+from shared.messages import GenerationRequest, TokensEvent
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# At the deadline the worker ends the request itself (finish_reason "timeout", text so far);
+# the API waits this much longer for that answer, so its 504 means no worker answered at all,
+# not that the client's own `timeout_s` passed.
+DEADLINE_GRACE_S = 5.0
+log = logging.getLogger(__name__)
+
+
+def _relayed(backlog: list[Event], last_index: int) -> Relayed:
+    """What a client that saw tokens up to `last_index` already has."""
+    relayed = Relayed()
+    for event in backlog:
+        if isinstance(event, TokensEvent):
+            seen = [t for t in event.tokens if t.index <= last_index]
+            if seen:
+                relayed.fresh(TokensEvent(tokens=seen))
+    return relayed
 
 
 class GenerateHandler:
@@ -30,9 +61,18 @@ class GenerateHandler:
         self.tokenizer = tokenizer
         self.producer = producer
         self.hub = hub
+        self.admission = Admission(settings, hub)
+        self.limiter = RateLimiter(hub.redis, settings)
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def to_message(self, body: GenerateBody, tenant: str | None = None) -> GenerationRequest:
         """The wire message, or a 422 naming the field, before anything is enqueued."""
+        most = self.settings.max_messages
+        if body.messages is not None and len(body.messages) > most:
+            # Before tokenizing: the chat template's cost grows with every message.
+            raise invalid_field(
+                "messages", f"has {len(body.messages)}; at most {most} (SLUICE_MAX_MESSAGES)"
+            )
         limit = self.settings.max_tokens_limit
         if body.max_tokens is not None and body.max_tokens > limit:
             raise invalid_field(
@@ -79,41 +119,101 @@ class GenerateHandler:
             raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
         return queue
 
-    async def submit(self, message: GenerationRequest) -> AsyncIterator[Event]:
+    async def submit(
+        self, message: GenerationRequest, caller: Caller = ANONYMOUS
+    ) -> AsyncIterator[Event]:
         """Enqueue `message`; its events up to the terminal one. Enqueue failures raise here,
         before any response starts. The caller ends with `close(request_id)`."""
         clock = Clock(time.monotonic())
+        await self.admission.check()  # before the rate limit: a refused request costs no quota
+        await self._admit(message, caller)
         queue = await self._submit(message)
         timeout = self.settings.request_timeout_s
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at
-        return events(queue, clock, timeout)
+        return events(queue, clock, timeout + DEADLINE_GRACE_S)
 
     async def close(self, request_id: str) -> None:
         await self.hub.close(request_id)
 
-    async def stream(
-        self, body: GenerateBody, prelude: bytes = b"", tenant: str | None = None
-    ) -> StreamingResponse:
-        """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first."""
-        message = self.to_message(body, tenant)
-        source = await self.submit(message)
+    async def _admit(self, message: GenerationRequest, caller: Caller) -> None:
+        """The caller's rate limits, then the id bound to the caller, for the routes that act
+        on a request id (`api.auth.owns`)."""
+        if caller.limited:
+            # Counted again rather than carried from to_message: only limited keys pay for it.
+            prompt = len(prompt_token_ids(self.tokenizer, message))
+            tokens = prompt + message.sampling.max_tokens
+            await self.limiter.admit(caller, message.request_id, tokens)
+        try:
+            await bind(self.hub.redis, self.settings, message.request_id, caller)
+        except RedisError as e:
+            raise HTTPException(503, f"could not record the request in Redis: {e}") from e
 
+    async def stream(
+        self, body: GenerateBody, prelude: bytes = b"", caller: Caller = ANONYMOUS
+    ) -> StreamingResponse:
+        """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first.
+        A client that goes away before the end cancels the request."""
+        message = self.to_message(body, caller.tenant)
+        source = await self.submit(message, caller)
+        return self._sse(message.request_id, source, prelude)
+
+    async def resume(self, request_id: str, last_event_id: int) -> StreamingResponse:
+        """The rest of a request's stream after token `last_event_id`, from its Redis stream and
+        then live: for clients whose connection (or API) went away mid-stream."""
+        queue = await self.hub.open(request_id)
+        try:
+            backlog = await self.hub.backlog(request_id)
+        except Exception:
+            await self.close(request_id)
+            raise
+        if backlog is None:
+            await self.close(request_id)
+            raise HTTPException(404, f"no stream for request {request_id} (unknown or expired)")
+        live = [queue.get_nowait() for _ in range(queue.qsize())]
+        for event in [*backlog, *live]:  # in publication order; `events` drops repeats
+            queue.put_nowait(event)
+        clock = Clock(time.monotonic())
+        clock.first_token = clock.accepted  # not a new request: no TTFT sample
+        source = events(
+            queue, clock, self.settings.request_timeout_s, _relayed(backlog, last_event_id)
+        )
+        return self._sse(request_id, source)
+
+    async def cancel(self, request_id: str) -> None:
+        await sredis.cancel(self.hub.redis, self.settings, request_id, "cancelled")
+
+    def _sse(
+        self, rid: str, source: AsyncIterator[Event], prelude: bytes = b""
+    ) -> StreamingResponse:
         async def frames() -> AsyncIterator[bytes]:
+            finished = False
             try:
                 if prelude:
                     yield prelude
                 async for frame in sse_frames(source):
                     yield frame
+                finished = True
             finally:
-                await self.close(message.request_id)
+                # Its own task: this may run inside the response's cancelled scope.
+                task = asyncio.create_task(self._cleanup(rid, cancel=not finished))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
 
-        headers = {**SSE_HEADERS, "X-Request-Id": message.request_id}
+        headers = {**SSE_HEADERS, "X-Request-Id": rid}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
 
-    async def complete(self, body: GenerateBody, tenant: str | None = None) -> GenerateResponse:
-        message = self.to_message(body, tenant)
-        source = await self.submit(message)
+    async def _cleanup(self, rid: str, cancel: bool) -> None:
+        await self.close(rid)
+        if cancel:
+            try:
+                await sredis.cancel(self.hub.redis, self.settings, rid, "client_disconnected")
+            except Exception as e:  # the deadline still stops it
+                log.warning("could not cancel %s after its client left: %s", rid, e)
+
+    async def complete(self, body: GenerateBody, caller: Caller = ANONYMOUS) -> GenerateResponse:
+        message = self.to_message(body, caller.tenant)
+        source = await self.submit(message, caller)
         try:
             text, done = await collect(source)
         except RequestFailed as e:

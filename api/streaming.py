@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from shared import metrics
-from shared.messages import DoneEvent, ErrorEvent, TokensEvent, stream_event_adapter
+from shared.messages import DoneEvent, ErrorEvent, Token, TokensEvent, stream_event_adapter
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,49 @@ class StreamHub:
     def open_count(self) -> int:
         return len(self._queues)
 
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
+    async def backlog(self, request_id: str) -> list[Event] | None:
+        """The request's events so far, from its Redis stream; None if there is none (unknown,
+        or expired)."""
+        entries = await self._redis.xrange(self._settings.events_key(request_id))
+        if not entries:
+            return None
+        return [stream_event_adapter.validate_json(fields[b"e"]) for _, fields in entries]
+
+    async def _backfill(self) -> None:
+        """After the pub/sub connection was lost, queue what open requests missed meanwhile:
+        their streams hold every event, and `events()` drops what was already relayed."""
+        for request_id in list(self._opened):
+            queue = self._queues.get(self._settings.stream_channel(request_id))
+            missed = None
+            for attempt in range(3):
+                try:
+                    missed = await self.backlog(request_id)
+                    break
+                except Exception as e:
+                    log.warning("backfill of %s failed (%s), attempt %d", request_id, e, attempt)
+                    await asyncio.sleep(0.5)
+            for event in missed or []:
+                if queue is not None:
+                    queue.put_nowait(event)
+
     async def _read(self) -> None:
         assert self._pubsub is not None
+        lost = False
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
+                if lost:  # reconnected (redis-py resubscribes our channels): catch up
+                    lost = False
+                    log.info("Redis pub/sub reconnected; replaying missed events")
+                    await self._backfill()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                lost = True
                 log.warning("Redis pub/sub read failed (%s); retrying", e)
                 await asyncio.sleep(0.5)
                 continue
@@ -138,10 +173,35 @@ class RequestFailed(Exception):
         self.message = message
 
 
+class Relayed:
+    """What a client already has: the next token index and the characters of text. A replay
+    (stream backfill, or the whole generation again after a worker crash) relays only the rest."""
+
+    def __init__(self, after_index: int = -1, chars: int = 0) -> None:
+        self.next_index = after_index + 1
+        self.chars = chars
+
+    def fresh(self, event: TokensEvent) -> TokensEvent | None:
+        tokens = []
+        for t in event.tokens:
+            if t.index < self.next_index:
+                continue
+            if t.offset is not None and t.offset < self.chars:  # grouped differently
+                t = Token(index=t.index, text=t.text[self.chars - t.offset :], offset=self.chars)
+            tokens.append(t)
+            self.next_index = t.index + 1
+            self.chars = (t.offset if t.offset is not None else self.chars) + len(t.text)
+        if not tokens:
+            return None
+        return TokensEvent(tokens=tokens, published_at=event.published_at)
+
+
 async def events(
-    queue: asyncio.Queue[Event], clock: Clock, timeout_s: float
+    queue: asyncio.Queue[Event], clock: Clock, timeout_s: float, relayed: Relayed | None = None
 ) -> AsyncIterator[Event]:
-    """A request's events until its terminal one, with client-side timings on the done event."""
+    """A request's events until its terminal one, each token once, with client-side timings on
+    the done event."""
+    relayed = relayed or Relayed()
     deadline = clock.accepted + timeout_s
     while True:
         remaining = deadline - time.monotonic()
@@ -150,6 +210,10 @@ async def events(
         except TimeoutError:
             raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
         if isinstance(event, TokensEvent):
+            fresh = relayed.fresh(event)
+            if fresh is None:
+                continue
+            event = fresh
             _time_tokens(clock, len(event.tokens))
             if event.published_at is not None:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event.published_at))

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = base.model_copy(update={
         "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
         "redis_prefix": f"sluice-bench-{uuid.uuid4().hex[:8]}", "worker_metrics_port": 0,
+        "auth_enabled": False,  # the benchmark measures serving, not keys
     })  # fmt: skip
     stack = devstack.LocalStack(settings, log_dir)
     try:

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(
         kafka=f"127.0.0.1:{broker_port}", milvus_uri=f"http://127.0.0.1:{milvus_port}",
         redis_prefix=f"sluice-bench-{tag}", collection=f"pydoc_{tag}",
+        auth_enabled=False,  # as `sluice up`: the benchmark measures retrieval, not keys
     )  # fmt: skip
     try:
         embedder = Embedder.load(settings)
