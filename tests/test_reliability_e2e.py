@@ -1,0 +1,249 @@
+"""Faults on a real stack of its own (two vLLM workers, the API, and a Redis of its own so that
+it can be restarted): a worker SIGKILLed mid-stream, the API restarted, Redis restarted, a
+client that leaves, an explicit cancel. docs/RELIABILITY.md reports what these show."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from shared import devstack
+from shared.devstack import LocalStack
+from tests.conftest import LOG_DIR, PROMPTS, REF_MAX_TOKENS, Services, make_settings
+
+pytestmark = pytest.mark.stack
+LOGS = LOG_DIR / "reliability"
+
+
+@dataclass
+class Stream:
+    tokens: list[dict] = field(default_factory=list)
+    done: dict | None = None
+    request_id: str = ""
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # first token arrived
+    arrivals: list[float] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(t["text"] for t in self.tokens)
+
+    @property
+    def indices(self) -> list[int]:
+        return [t["index"] for t in self.tokens]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def restart(self, down_s: float) -> None:
+        """A cold restart on the same port: this Redis keeps nothing on disk."""
+        devstack.stop(self.proc)
+        time.sleep(down_s)
+        self.proc = devstack.start_redis(self.port, LOGS / "redis.log")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    port = devstack.free_port()
+    server = RedisServer(port, devstack.start_redis(port, LOGS / "redis.log"))
+    yield server
+    devstack.stop(server.proc)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    services: Services, redis_server: RedisServer, greedy_reference: dict
+) -> Iterator[LocalStack]:
+    redis = f"redis://127.0.0.1:{redis_server.port}/0"
+    settings = make_settings(services, redis=redis, port=devstack.free_port())
+    s = LocalStack(settings, LOGS)
+    s.start_worker()
+    s.start_worker()
+    s.start_api()
+    try:
+        s.wait_ready()
+        _wait_workers(s, 2)
+        yield s
+    finally:
+        s.stop()
+
+
+def _wait_workers(stack: LocalStack, n: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with httpx.Client(base_url=stack.url) as c:
+            if c.get("/ready").json().get("live_workers", 0) >= n:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"{n} workers not live")
+
+
+@pytest.fixture
+async def client(stack: LocalStack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=300) as c:
+        yield c
+
+
+def greedy(prompt: str, **extra: object) -> dict:
+    return {"prompt": prompt, "max_tokens": REF_MAX_TOKENS, "temperature": 0, **extra}
+
+
+async def read(
+    client: httpx.AsyncClient,
+    stream: Stream,
+    method: str,
+    url: str,
+    body: dict | None = None,
+    headers: dict | None = None,
+    stop_after: int | None = None,
+) -> Stream:
+    """Read SSE into `stream` until done (or `stop_after` tokens: then hang up)."""
+    kwargs = {"json": {**body, "stream": True}} if body else {}
+    async with aconnect_sse(client, method, url, headers=dict(headers or {}), **kwargs) as src:
+        assert src.response.status_code == 200, await src.response.aread()
+        stream.request_id = src.response.headers.get("x-request-id", stream.request_id)
+        async for sse in src.aiter_sse():
+            data = json.loads(sse.data)
+            if sse.event == "token":
+                stream.tokens.append(data)
+                stream.arrivals.append(time.monotonic())
+                stream.started.set()
+                if stop_after is not None and len(stream.tokens) >= stop_after:
+                    return stream
+            elif sse.event == "done":
+                stream.done = data
+                return stream
+            else:
+                raise AssertionError(f"{sse.event}: {sse.data}")
+    return stream
+
+
+async def in_flight(client: httpx.AsyncClient, stack: LocalStack) -> dict[str, int]:
+    """worker id -> requests it holds, from the heartbeats (what /v1/models shows)."""
+    models = (await client.get("/v1/models")).json()["data"]
+    return {w["worker_id"]: w["in_flight"] for m in models for w in m["sluice_workers"]}
+
+
+async def test_worker_sigkill_mid_stream_loses_and_repeats_nothing(
+    client: httpx.AsyncClient, stack: LocalStack, greedy_reference: dict[str, str]
+) -> None:
+    streams = [Stream() for _ in PROMPTS]
+    tasks = [
+        asyncio.create_task(read(client, s, "POST", "/generate", greedy(p)))
+        for s, p in zip(streams, PROMPTS, strict=True)
+    ]
+    # Both workers hold some of the 16 and tokens are flowing: kill the first worker.
+    deadline = time.monotonic() + 120
+    while (
+        sum(len(s.tokens) > 0 for s in streams) < 4
+        or min((await in_flight(client, stack)).values(), default=0) == 0
+    ):
+        assert time.monotonic() < deadline, "streams did not start on both workers"
+        await asyncio.sleep(0.2)
+    victim = stack.workers[0]
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
+        recovered_after = time.monotonic() - killed_at
+        for prompt, s in zip(PROMPTS, streams, strict=True):
+            assert s.done is not None, prompt
+            assert s.indices == list(range(len(s.tokens))), prompt  # none repeated or missing
+            assert s.text == greedy_reference[prompt], prompt
+    finally:
+        # A fresh worker takes the dead one's place for the tests that follow.
+        stack.workers.remove(victim)
+        stack.start_worker()
+        _wait_workers(stack, 2)
+    # For docs/RELIABILITY.md: how long the dead worker's clients waited.
+    gaps = [b - a for s in streams for a, b in itertools.pairwise(s.arrivals)]
+    summary = {"recovered_after_s": recovered_after, "max_token_gap_s": max(gaps, default=0.0)}
+    (LOGS / "sigkill.json").write_text(json.dumps(summary))
+
+
+async def test_api_restart_and_resume_with_last_event_id(
+    client: httpx.AsyncClient, stack: LocalStack, greedy_reference: dict[str, str]
+) -> None:
+    prompt = PROMPTS[3]
+    first = Stream()
+    await read(client, first, "POST", "/generate", greedy(prompt), stop_after=5)
+    assert stack.api is not None
+    stack.api.send_signal(signal.SIGKILL)  # the API dies; the worker keeps generating
+    stack.api.wait()
+    stack.start_api()
+    await asyncio.to_thread(stack.wait_ready)
+
+    rest = Stream()
+    last = str(first.indices[-1])
+    url = f"/requests/{first.request_id}/stream"
+    await read(client, rest, "GET", url, headers={"Last-Event-ID": last})
+    assert rest.done is not None
+    assert rest.indices == list(range(5, 5 + len(rest.tokens)))
+    assert first.text + rest.text == greedy_reference[prompt]
+
+    r = await client.get("/requests/0123456789abcdef0123456789abcdef/stream")
+    assert r.status_code == 404
+
+
+async def test_redis_restart_mid_stream(
+    client: httpx.AsyncClient, redis_server: RedisServer, greedy_reference: dict[str, str]
+) -> None:
+    prompt = PROMPTS[6]
+    stream = Stream()
+    task = asyncio.create_task(read(client, stream, "POST", "/generate", greedy(prompt)))
+    await asyncio.wait_for(stream.started.wait(), timeout=120)
+    await asyncio.to_thread(redis_server.restart, 1.0)
+    await asyncio.wait_for(task, timeout=120)
+    assert stream.done is not None
+    assert stream.indices == list(range(len(stream.tokens)))
+    assert stream.text == greedy_reference[prompt]
+
+
+async def test_client_that_leaves_cancels_its_request(
+    client: httpx.AsyncClient, stack: LocalStack
+) -> None:
+    await _wait_idle(client, stack)
+    body = {"prompt": "Tell me a long story.", "max_tokens": 512, "ignore_eos": True}
+    await read(client, Stream(), "POST", "/generate", body, stop_after=3)  # and hang up
+    left = time.monotonic()
+    await _wait_idle(client, stack, timeout_s=10)
+    # Heartbeats come every 0.5 s here: the engine let go well before 512 tokens (~30 s).
+    assert time.monotonic() - left < 3
+
+
+async def test_delete_cancels_and_deadline_times_out(
+    client: httpx.AsyncClient, stack: LocalStack
+) -> None:
+    body = {"prompt": "Tell me a long story.", "max_tokens": 512, "ignore_eos": True}
+    stream = Stream()
+    task = asyncio.create_task(read(client, stream, "POST", "/generate", body))
+    await asyncio.wait_for(stream.started.wait(), timeout=120)
+    r = await client.delete(f"/requests/{stream.request_id}")
+    assert r.status_code == 202
+    await asyncio.wait_for(task, timeout=10)
+    assert stream.done is not None and stream.done["finish_reason"] == "abort"
+    assert len(stream.tokens) < 512
+
+    # A deadline that passes before any worker can pick the request up: never run.
+    late = await read(client, Stream(), "POST", "/generate", {**body, "timeout_s": 0.001})
+    assert late.done is not None and late.done["finish_reason"] == "timeout"
+    assert late.tokens == [] and late.done["usage"]["completion_tokens"] == 0
+
+
+async def _wait_idle(client: httpx.AsyncClient, stack: LocalStack, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any((await in_flight(client, stack)).values()):
+        assert time.monotonic() < deadline, "workers still hold requests"
+        await asyncio.sleep(0.1)
