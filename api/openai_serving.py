@@ -181,12 +181,15 @@ class OpenAIHandler:
 
         async def frames() -> AsyncIterator[bytes]:
             metrics.OPEN_STREAMS.inc()
+            finished = False
             try:
                 async for frame in sse_chunks(source, chunks, include_usage):
                     yield frame
+                finished = True
             finally:
                 metrics.OPEN_STREAMS.dec()
-                await self.generate.close(message.request_id)
+                # A client that left before [DONE] cancels the request, as on /generate.
+                self.generate.release(message.request_id, cancel=not finished)
 
         headers = {**SSE_HEADERS, "X-Request-Id": message.request_id}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)

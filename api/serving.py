@@ -195,13 +195,18 @@ class GenerateHandler:
                     yield frame
                 finished = True
             finally:
-                # Its own task: this may run inside the response's cancelled scope.
-                task = asyncio.create_task(self._cleanup(rid, cancel=not finished))
-                self._cleanups.add(task)
-                task.add_done_callback(self._cleanups.discard)
+                self.release(rid, cancel=not finished)
 
         headers = {**SSE_HEADERS, "X-Request-Id": rid}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
+
+    def release(self, rid: str, cancel: bool) -> None:
+        """End a stream's subscription and, if its client left before the end, cancel the
+        request. Its own task: this runs from a response generator's `finally`, which may be
+        inside the response's cancelled scope."""
+        task = asyncio.create_task(self._cleanup(rid, cancel))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _cleanup(self, rid: str, cancel: bool) -> None:
         await self.close(rid)
