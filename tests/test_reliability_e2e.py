@@ -5,6 +5,7 @@ client that leaves, an explicit cancel. docs/RELIABILITY.md reports what these s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
@@ -31,6 +32,8 @@ class Stream:
     done: dict | None = None
     request_id: str = ""
     started: asyncio.Event = field(default_factory=asyncio.Event)  # first token arrived
+    wanted: int = 0
+    reached: asyncio.Event = field(default_factory=asyncio.Event)  # `wanted` tokens arrived
     arrivals: list[float] = field(default_factory=list)
 
     @property
@@ -120,6 +123,8 @@ async def read(
                 stream.tokens.append(data)
                 stream.arrivals.append(time.monotonic())
                 stream.started.set()
+                if stream.wanted and len(stream.tokens) >= stream.wanted:
+                    stream.reached.set()
                 if stop_after is not None and len(stream.tokens) >= stop_after:
                     return stream
             elif sse.event == "done":
@@ -183,11 +188,16 @@ async def test_api_restart_and_resume_with_last_event_id(
     client: httpx.AsyncClient, stack: LocalStack, greedy_reference: dict[str, str]
 ) -> None:
     prompt = PROMPTS[3]
-    first = Stream()
-    await read(client, first, "POST", "/generate", greedy(prompt), stop_after=5)
+    first = Stream(wanted=5)
+    reading = asyncio.create_task(read(client, first, "POST", "/generate", greedy(prompt)))
+    await asyncio.wait_for(first.reached.wait(), timeout=120)
     assert stack.api is not None
-    stack.api.send_signal(signal.SIGKILL)  # the API dies; the worker keeps generating
+    # The API dies under a connected client (a client that hangs up itself cancels instead);
+    # the worker keeps generating.
+    stack.api.send_signal(signal.SIGKILL)
     stack.api.wait()
+    with contextlib.suppress(httpx.HTTPError):
+        await reading
     stack.start_api()
     await asyncio.to_thread(stack.wait_ready)
 
@@ -196,7 +206,8 @@ async def test_api_restart_and_resume_with_last_event_id(
     url = f"/requests/{first.request_id}/stream"
     await read(client, rest, "GET", url, headers={"Last-Event-ID": last})
     assert rest.done is not None
-    assert rest.indices == list(range(5, 5 + len(rest.tokens)))
+    n = len(first.tokens)
+    assert rest.indices == list(range(n, n + len(rest.tokens)))
     assert first.text + rest.text == greedy_reference[prompt]
 
     r = await client.get("/requests/0123456789abcdef0123456789abcdef/stream")
