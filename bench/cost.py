@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 
-from bench.serving import machine, run_round, sluice_client
-from shared import cost, devstack, ledger
+from bench.serving import bench_stack, machine, run_round, sluice_client
+from shared import cost, ledger
 from shared import redis as sredis
-from shared.models import prepare_default_model
 from shared.settings import Settings
 
 SETTLE_S = 6  # workers write the ledger every 5 s
@@ -129,25 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    base = Settings()
-    prepare_default_model(base)
-    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-cost-"))
-    broker_port = devstack.free_port()
-    broker = devstack.start_broker(broker_port, log_dir / "broker.log")
-    settings = base.model_copy(update={
-        "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
-        "redis_prefix": f"sluice-bench-{uuid.uuid4().hex[:8]}", "worker_metrics_port": 0,
-        "auth_enabled": False,  # the benchmark measures serving, not keys
-    })  # fmt: skip
-    stack = devstack.LocalStack(settings, log_dir)
-    try:
-        stack.start_worker()
-        stack.start_api()
-        stack.wait_ready()
+    with bench_stack("cost") as stack:
+        settings = stack.settings
         result = asyncio.run(bench(args, stack.url, settings, time.time()))
-    finally:
-        stack.stop()
-        devstack.stop(broker)
     result["config"] = {
         **{k: v for k, v in vars(args).items() if k != "out"},
         "model": settings.model,

@@ -14,18 +14,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import psutil
 
-from bench.serving import PROMPTS, machine, percentile
+from bench.serving import PROMPTS, bench_stack, machine, percentile
 from shared import devstack
-from shared.models import prepare_default_model
-from shared.settings import Settings
 
 MAX_TOKENS = 16
 
@@ -109,22 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    base = Settings()
-    prepare_default_model(base)
-    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-flood-"))
-    broker_port = devstack.free_port()
-    broker = devstack.start_broker(broker_port, log_dir / "broker.log")
-    settings = base.model_copy(update={
-        "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
-        "redis_prefix": f"sluice-bench-{uuid.uuid4().hex[:8]}", "worker_metrics_port": 0,
-        "auth_enabled": False,
-    })  # fmt: skip
-    stack = devstack.LocalStack(settings, log_dir)
     results: dict = {}
-    try:
-        stack.start_worker()
-        stack.start_api()
-        stack.wait_ready()
+    with bench_stack("flood") as stack:
         cap = asyncio.run(capacity(stack.url))
         devstack.stop(stack.api)  # type: ignore[arg-type]
         rate = cap * args.factor
@@ -142,9 +124,6 @@ def main(argv: list[str] | None = None) -> None:
                 stack.env.pop(key)
             print(name, json.dumps(results[name]), flush=True)
             time.sleep(5)
-    finally:
-        stack.stop()
-        devstack.stop(broker)
     report = {
         "capacity_req_s": cap,
         "offered_req_s": rate,

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -25,12 +24,18 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from bench.serving import PROMPTS, Round, machine, percentile, run_round, sluice_client
-from shared import devstack
+from bench.serving import (
+    PROMPTS,
+    Round,
+    bench_stack,
+    machine,
+    percentile,
+    run_round,
+    sluice_client,
+)
 from shared import redis as sredis
 from shared.batch import collect
 from shared.messages import GenerationRequest, SamplingOptions
-from shared.models import prepare_default_model
 from shared.settings import Settings
 
 
@@ -155,26 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
 
-    base = Settings()
-    prepare_default_model(base)
-    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    broker_port = devstack.free_port()
-    broker = devstack.start_broker(broker_port, log_dir / "broker.log")
-    tag = uuid.uuid4().hex[:8]
-    settings = base.model_copy(update={
-        "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
-        "redis_prefix": f"sluice-bench-{tag}", "worker_metrics_port": 0,
-        "auth_enabled": False,  # the benchmark measures scheduling, not keys
-    })  # fmt: skip
-    stack = devstack.LocalStack(settings, log_dir)
-    try:
-        stack.start_worker()
-        stack.start_api()
-        stack.wait_ready()
+    with bench_stack("priority") as stack:
+        settings = stack.settings
         report = asyncio.run(bench(args, stack.url, settings))
-    finally:
-        stack.stop()
-        devstack.stop(broker)
     report["config"] = {
         **vars(args),
         "out": str(args.out),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import platform
@@ -21,7 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,26 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
 
-    base = Settings()
-    prepare_default_model(base)
-    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    broker_port = devstack.free_port()
-    broker = devstack.start_broker(broker_port, log_dir / "broker.log")
-    tag = uuid.uuid4().hex[:8]
-    settings = base.model_copy(update={
-        "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
-        "redis_prefix": f"sluice-bench-{tag}", "worker_metrics_port": 0,
-        "auth_enabled": False,  # the benchmark measures serving, not keys
-    })  # fmt: skip
-    stack = devstack.LocalStack(settings, log_dir)
-    try:
-        stack.start_worker()
-        stack.start_api()
-        stack.wait_ready()
+    with bench_stack("serving") as stack:
+        settings = stack.settings
         report = asyncio.run(bench(args, stack.url, settings))
-    finally:
-        stack.stop()
-        devstack.stop(broker)
     report["config"] = {
         **vars(args),
         "out": str(args.out),
@@ -267,6 +251,31 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+
+
+@contextlib.contextmanager
+def bench_stack(name: str) -> Iterator[devstack.LocalStack]:
+    """A broker of its own, one vLLM worker and the API, on a fresh Redis prefix and with auth
+    off (the benchmarks measure serving, not keys); all of it stops on exit."""
+    base = Settings()
+    prepare_default_model(base)
+    log_dir = Path(tempfile.mkdtemp(prefix=f"sluice-bench-{name}-"))
+    broker_port = devstack.free_port()
+    broker = devstack.start_broker(broker_port, log_dir / "broker.log")
+    settings = base.model_copy(update={
+        "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
+        "redis_prefix": f"sluice-bench-{uuid.uuid4().hex[:8]}", "worker_metrics_port": 0,
+        "auth_enabled": False,
+    })  # fmt: skip
+    stack = devstack.LocalStack(settings, log_dir)
+    try:
+        stack.start_worker()
+        stack.start_api()
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+        devstack.stop(broker)
 
 
 def machine() -> str:
