@@ -235,11 +235,14 @@ async def _keys_action(args: argparse.Namespace, redis: Redis, settings: Setting
     from shared import apikeys
 
     if args.action == "create":
-        key, record = await apikeys.create(redis, settings, args.tenant, args.rpm, args.tpm)
+        key, record = await apikeys.create(
+            redis, settings, args.tenant, args.rpm, args.tpm, admin=args.admin
+        )
         if args.json:
             print(json.dumps({"key": key, **record.model_dump()}))
             return
-        print(f"key_id  {record.key_id}\ntenant  {record.tenant}\nkey     {key}")
+        role = "admin" if record.admin else "tenant"
+        print(f"key_id  {record.key_id}\ntenant  {record.tenant}\nrole    {role}\nkey     {key}")
         print("\nThe key is shown only now (Sluice keeps its hash): store it somewhere safe.")
         if not settings.auth_enabled:
             print("Note: SLUICE_AUTH_ENABLED is false here, so the API does not ask for keys.")
@@ -248,14 +251,15 @@ async def _keys_action(args: argparse.Namespace, redis: Redis, settings: Setting
         if args.json:
             print(json.dumps([r.model_dump() for r in records]))
             return
-        print(f"{'KEY_ID':14}{'TENANT':22}{'CREATED':21}{'RPM':>9}{'TPM':>9}  STATE")
+        print(f"{'KEY_ID':14}{'TENANT':22}{'CREATED':21}{'RPM':>9}{'TPM':>9}  ROLE    STATE")
         for r in records:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
             rpm, tpm = (
                 "default" if v is None else str(v) for v in (r.requests_per_min, r.tokens_per_min)
             )
             state = "revoked" if r.revoked else "active"
-            print(f"{r.key_id:14}{r.tenant:22}{created:21}{rpm:>9}{tpm:>9}  {state}")
+            role = "admin" if r.admin else "tenant"
+            print(f"{r.key_id:14}{r.tenant:22}{created:21}{rpm:>9}{tpm:>9}  {role:8}{state}")
     else:
         record = await apikeys.revoke(redis, settings, args.key_id)
         if record is None:
@@ -359,6 +363,11 @@ def _keys_parser(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--tenant", required=True, help="who pays: cost and limits per tenant")
     create.add_argument("--rpm", type=int, default=None, help="requests per minute (0: none)")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute (0: none)")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="may read every tenant's cost and change the shared document corpus",
+    )
     create.add_argument("--json", action="store_true")
     listing = actions.add_parser("list", help="every key, revoked ones too (never the key)")
     listing.add_argument("--json", action="store_true")

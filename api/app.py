@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.auth import Authenticator, CallerDep, OwnedRequestId, require_caller
+from api.auth import AdminDep, Authenticator, CallerDep, OwnedRequestId, require_caller
 from api.documents import DocumentsHandler
 from api.errors import invalid_field
 from api.health import readiness
@@ -135,7 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await request.app.state.rag.ranked(body)
 
     @app.post("/documents", status_code=202, response_model=DocumentAccepted)
-    async def add_document(request: Request, _: CallerDep) -> DocumentAccepted:
+    async def add_document(request: Request, _: AdminDep) -> DocumentAccepted:
         """JSON (`DocumentBody`) or a multipart upload: `file`, optional `doc_id`, `title`,
         `metadata` (a JSON object)."""
         return await request.app.state.documents.add(request)
@@ -146,12 +146,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.delete("/documents/{doc_id:path}", status_code=202, response_model=DocumentAccepted)
     async def delete_document(
-        doc_id: DocIdPath, request: Request, _: CallerDep
+        doc_id: DocIdPath, request: Request, _: AdminDep
     ) -> DocumentAccepted:
         return await request.app.state.documents.delete(doc_id)
 
     @app.get("/cost", response_model=cost.CostReport)
-    async def cost_report(request: Request, _: CallerDep, window: str = "1h") -> cost.CostReport:
+    async def cost_report(request: Request, _: AdminDep, window: str = "1h") -> cost.CostReport:
         """Cost over the last `window` (15m, 1h, 7d...) for the whole fleet, with monthly
         projections and recommendations (docs/COST.md)."""
         try:

@@ -1,8 +1,10 @@
 """Who is calling: the API key (shared/apikeys.py) on every route that does work or reads data,
 and which caller each request id belongs to.
 
-Routes take `caller: CallerDep`; the /v1 router has it as a router dependency. With auth off
-(`sluice up`'s local mode) every caller is the anonymous `default` tenant, without limits.
+Routes take `caller: CallerDep`; the /v1 router has it as a router dependency. Routes over
+what all tenants share (the platform's cost, the document corpus) take `AdminDep`: a tenant's
+key gets 403 there. With auth off (`sluice up`'s local mode) every caller is the anonymous
+`default` tenant, without limits, and may do everything.
 A request id is bound to the key that created it (`bind`, at enqueue); routes that act on an
 id take it as `request_id: OwnedRequestId`, which answers 404, not 403, for another key's id,
 so ids do not leak. With auth off there is one caller, who owns every request.
@@ -29,13 +31,14 @@ class Caller:
     key_id: str | None = None  # None: anonymous (auth is off)
     requests_per_min: int = 0  # 0: no limit
     tokens_per_min: int = 0
+    admin: bool = False
 
     @property
     def limited(self) -> bool:
         return self.requests_per_min > 0 or self.tokens_per_min > 0
 
 
-ANONYMOUS = Caller(tenant="default")
+ANONYMOUS = Caller(tenant="default", admin=True)
 
 # Declared as security schemes so the OpenAPI schema (and /docs) shows how to authenticate.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer sk-sluice-...`")
@@ -68,6 +71,7 @@ class Authenticator:
             key_id=record.key_id,
             requests_per_min=_or_default(record.requests_per_min, self.settings.rate_limit_rpm),
             tokens_per_min=_or_default(record.tokens_per_min, self.settings.rate_limit_tpm),
+            admin=record.admin,
         )
 
 
@@ -82,6 +86,20 @@ async def require_caller(
 
 
 CallerDep = Annotated[Caller, Depends(require_caller)]
+
+
+async def require_admin(caller: CallerDep) -> Caller:
+    if not caller.admin:
+        raise HTTPException(
+            403,
+            f"API key {caller.key_id} (tenant {caller.tenant}) is not an admin key: the "
+            "platform's cost and the shared document corpus need one "
+            "(`sluice keys create --tenant NAME --admin`)",
+        )
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
 def _unauthorized(message: str) -> HTTPException:

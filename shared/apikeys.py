@@ -30,6 +30,9 @@ class ApiKey(BaseModel):
     # None: the settings' default (SLUICE_RATE_LIMIT_RPM / _TPM); 0: unlimited
     requests_per_min: int | None = Field(None, ge=0)
     tokens_per_min: int | None = Field(None, ge=0)
+    # Operators' keys: they may read the platform's cost (every tenant's) and change the one
+    # document corpus all tenants retrieve from; tenants' keys may not.
+    admin: bool = False
 
 
 def hash_key(plaintext: str) -> str:
@@ -54,6 +57,7 @@ async def create(
     tenant: str,
     requests_per_min: int | None = None,
     tokens_per_min: int | None = None,
+    admin: bool = False,
 ) -> tuple[str, ApiKey]:
     """A new key: (its plaintext, which is not stored anywhere, and its record)."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(24)  # 24 bytes: 32 characters
@@ -64,6 +68,7 @@ async def create(
         created=time.time(),
         requests_per_min=requests_per_min,
         tokens_per_min=tokens_per_min,
+        admin=admin,
     )
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(_record_key(settings, digest), record.model_dump_json())

@@ -96,8 +96,9 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def key(auth_stack: LocalStack) -> tuple[str, str]:
-    """An unlimited key of tenant `acme`, for tests that are not about limits."""
-    return new_key(auth_stack, "acme", "--rpm", "0", "--tpm", "0")
+    """An unlimited admin key of tenant `acme`, for tests that are not about limits or roles
+    (the fuzzer reaches the admin routes with it)."""
+    return new_key(auth_stack, "acme", "--rpm", "0", "--tpm", "0", "--admin")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,7 @@ async def test_keys_cli_create_list_revoke_and_only_the_hash_is_stored(
     listed = {r["key_id"]: r for r in json.loads(sluice_keys(auth_stack, "list", "--json"))}
     assert listed[key_id]["tenant"] == "cli-tenant" and listed[key_id]["revoked"] is False
     assert listed[key_id]["requests_per_min"] == 5 and listed[key_id]["tokens_per_min"] is None
+    assert listed[key_id]["admin"] is False
     table = sluice_keys(auth_stack, "list")
     assert key_id in table and plaintext not in table
 
@@ -195,6 +197,32 @@ async def test_every_route_that_works_or_reads_needs_a_key_but_health_does_not(
         assert r.status_code == 401, (method, path, r.text)
     for path in ("/health", "/ready", "/metrics"):
         assert (await http.get(path)).status_code == 200, path
+
+
+async def test_what_all_tenants_share_needs_an_admin_key(
+    http: httpx.AsyncClient, auth_stack: LocalStack, key: tuple[str, str]
+) -> None:
+    """Every tenant's cost and the one document corpus: a tenant's key may read the corpus
+    (retrieve, document status) but not change it, nor see what other tenants spend."""
+    tenant, _ = new_key(auth_stack, "tenant-only", "--rpm", "0", "--tpm", "0")
+    admin = bearer(key[0])
+    for method, path, body in [
+        ("POST", "/documents", {"text": "x"}),
+        ("DELETE", "/documents/some-doc", None),
+        ("GET", "/cost", None),
+    ]:
+        r = await http.request(method, path, json=body, headers=bearer(tenant))
+        assert r.status_code == 403, (method, path, r.text)
+        assert "--admin" in r.json()["detail"] and "tenant-only" in r.json()["detail"]
+    assert (await http.get("/cost", headers=admin)).status_code == 200
+    r = await http.post("/documents", json={"text": "shared", "doc_id": "admin-doc"}, headers=admin)
+    assert r.status_code == 202, r.text
+    r = await http.get("/documents/admin-doc", headers=bearer(tenant))
+    assert r.status_code == 200, r.text
+    r = await http.post("/retrieve", json={"query": "shared"}, headers=bearer(tenant))
+    assert r.status_code == 200, r.text
+    table = sluice_keys(auth_stack, "list")
+    assert "admin" in table and "tenant" in table
 
 
 def test_v1_answers_401_as_openai_authentication_errors(
@@ -291,10 +319,11 @@ async def requests_on_the_wire(stack: LocalStack, ids: set[str]) -> dict[str, di
 
 
 async def test_the_keys_tenant_goes_on_the_wire_and_pays_the_cost(
-    http: httpx.AsyncClient, auth_stack: LocalStack
+    http: httpx.AsyncClient, auth_stack: LocalStack, key: tuple[str, str]
 ) -> None:
     """The API puts the key's tenant on the wire message; the worker attributes cost by it."""
     plaintext, _ = new_key(auth_stack, "billing-co", "--rpm", "0", "--tpm", "0")
+    admin = key  # an operator reads the cost of every tenant
     r = await http.post("/generate", json=SMALL, headers=bearer(plaintext))
     assert r.status_code == 200, r.text
     with openai_client(auth_stack, plaintext) as client:
@@ -311,7 +340,7 @@ async def test_the_keys_tenant_goes_on_the_wire_and_pays_the_cost(
     deadline = time.monotonic() + 20  # the worker writes its ledger every 5 s
     while by_tenant.get("billing-co", 0) < spent * 0.999 and time.monotonic() < deadline:
         await asyncio.sleep(1)
-        report = await http.get("/cost", params={"window": "1h"}, headers=bearer(plaintext))
+        report = await http.get("/cost", params={"window": "1h"}, headers=bearer(admin[0]))
         by_tenant = report.json()["by_tenant_usd"]
     assert by_tenant.get("billing-co") == pytest.approx(spent, rel=1e-4), by_tenant
 
