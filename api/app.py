@@ -86,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
         handler: GenerateHandler = request.app.state.generate
         if body.stream:
             return await handler.stream(body, caller=caller)
-        return await handler.complete(body, caller)
+        return await handler.complete(body, caller, request.is_disconnected)
 
     @app.delete("/requests/{request_id}", status_code=202)
     async def cancel_request(request_id: OwnedRequestId, request: Request) -> dict[str, str]:
@@ -112,11 +112,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, caller: CallerDep
     ) -> Response:
-        return await request.app.state.openai.chat(body, caller)
+        return await request.app.state.openai.chat(body, caller, request.is_disconnected)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Response:
-        return await request.app.state.openai.completion(body, caller)
+        return await request.app.state.openai.completion(body, caller, request.is_disconnected)
 
     @v1.get("/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
@@ -128,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def rag_generate(
         body: RagGenerateBody, request: Request, caller: CallerDep
     ) -> Response | RagGenerateResponse:
-        return await request.app.state.rag.answer(body, caller)
+        return await request.app.state.rag.answer(body, caller, request.is_disconnected)
 
     @app.post("/retrieve", response_model=RetrieveResponse)
     async def retrieve(body: RetrieveBody, request: Request, _: CallerDep) -> RetrieveResponse:
@@ -145,9 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await request.app.state.documents.status(doc_id)
 
     @app.delete("/documents/{doc_id:path}", status_code=202, response_model=DocumentAccepted)
-    async def delete_document(
-        doc_id: DocIdPath, request: Request, _: AdminDep
-    ) -> DocumentAccepted:
+    async def delete_document(doc_id: DocIdPath, request: Request, _: AdminDep) -> DocumentAccepted:
         return await request.app.state.documents.delete(doc_id)
 
     @app.get("/cost", response_model=cost.CostReport)

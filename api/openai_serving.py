@@ -51,8 +51,8 @@ from api.openai_protocol import (
     UsageInfo,
 )
 from api.schemas import GenerateBody
-from api.serving import SSE_HEADERS, GenerateHandler
-from api.streaming import Event, RequestFailed, collect
+from api.serving import SSE_HEADERS, GenerateHandler, HungUp
+from api.streaming import Event, RequestFailed
 from shared import metrics
 from shared.messages import DoneEvent, GenerationRequest, TokensEvent
 from shared.redis import live_workers
@@ -98,7 +98,9 @@ class OpenAIHandler:
         self.redis = redis
         self.started = int(time.time())
 
-    async def chat(self, body: ChatCompletionRequest, caller: Caller = ANONYMOUS) -> Response:
+    async def chat(
+        self, body: ChatCompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
+    ) -> Response:
         self._check_model(body.model)
         length_param, max_tokens = body.max_tokens_param()
         prompt = {"messages": [m.to_wire() for m in body.messages]}
@@ -106,17 +108,20 @@ class OpenAIHandler:
         chunks = ChatChunks(f"chatcmpl-{message.request_id}", body.model, int(time.time()))
         if body.stream:
             return await self._stream(message, chunks, body.include_usage(), caller)
-        text, done = await self._collect(message, caller)
+        # RequestFailed: see install_error_handlers
+        text, done = await self.generate.collect(message, caller, hung_up)
         return _json(chunks.response(text, done), done)
 
-    async def completion(self, body: CompletionRequest, caller: Caller = ANONYMOUS) -> Response:
+    async def completion(
+        self, body: CompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
+    ) -> Response:
         self._check_model(body.model)
         prompt = {"prompt": body.prompt_text()}
         message = self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
         chunks = CompletionChunks(f"cmpl-{message.request_id}", body.model, int(time.time()))
         if body.stream:
             return await self._stream(message, chunks, body.include_usage(), caller)
-        text, done = await self._collect(message, caller)
+        text, done = await self.generate.collect(message, caller, hung_up)
         return _json(chunks.response(text, done), done)
 
     async def models(self) -> ModelList:
@@ -166,13 +171,6 @@ class OpenAIHandler:
             return self.generate.to_message(generate, tenant)
         except RequestValidationError as e:
             raise RequestValidationError(_renamed(e.errors(), "max_tokens", length_param)) from e
-
-    async def _collect(self, message: GenerationRequest, caller: Caller) -> tuple[str, DoneEvent]:
-        source = await self.generate.submit(message, caller)
-        try:
-            return await collect(source)  # RequestFailed: see install_error_handlers
-        finally:
-            await self.generate.close(message.request_id)
 
     async def _stream(
         self, message: GenerationRequest, chunks: Chunks, include_usage: bool, caller: Caller

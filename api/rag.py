@@ -24,7 +24,7 @@ from api.schemas import (
     RetrieveResponse,
     Source,
 )
-from api.serving import GenerateHandler
+from api.serving import GenerateHandler, HungUp
 from api.streaming import sse
 from shared import metrics
 from shared.embeddings import Embedder
@@ -124,7 +124,7 @@ class RagHandler:
         return RetrieveResponse(results=sources(await self.retrieve(body)))
 
     async def answer(
-        self, body: RagGenerateBody, caller: Caller = ANONYMOUS
+        self, body: RagGenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> StreamingResponse | RagGenerateResponse:
         passages = self._fit(body, await self.retrieve(body))
         request = GenerateBody(
@@ -140,7 +140,7 @@ class RagHandler:
         if body.stream:
             prelude = sse("sources", {"sources": [s.model_dump() for s in cited]})
             return await self.generate.stream(request, prelude=prelude, caller=caller)
-        response = await self.generate.complete(request, caller)
+        response = await self.generate.complete(request, caller, hung_up)
         return RagGenerateResponse(**response.model_dump(), sources=cited)
 
     def _fit(self, body: RagGenerateBody, passages: list[Retrieved]) -> list[Retrieved]:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -30,7 +30,7 @@ from api.streaming import (
     sse_frames,
 )
 from shared import redis as sredis
-from shared.messages import GenerationRequest, TokensEvent
+from shared.messages import DoneEvent, GenerationRequest, TokensEvent
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 
@@ -39,6 +39,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # the API waits this much longer for that answer, so its 504 means no worker answered at all,
 # not that the client's own `timeout_s` passed.
 DEADLINE_GRACE_S = 5.0
+HANGUP_POLL_S = 0.5
+HungUp = Callable[[], Awaitable[bool]]  # Starlette's Request.is_disconnected
 log = logging.getLogger(__name__)
 
 
@@ -216,15 +218,33 @@ class GenerateHandler:
             except Exception as e:  # the deadline still stops it
                 log.warning("could not cancel %s after its client left: %s", rid, e)
 
-    async def complete(self, body: GenerateBody, caller: Caller = ANONYMOUS) -> GenerateResponse:
-        message = self.to_message(body, caller.tenant)
-        source = await self.submit(message, caller)
+    async def collect(
+        self, message: GenerationRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
+    ) -> tuple[str, DoneEvent]:
+        """Enqueue `message` and wait for its whole completion (`stream: false`). A client that
+        hangs up first cancels the request, as for a stream: nobody would read the answer."""
+        rid = message.request_id
+        whole = asyncio.ensure_future(collect(await self.submit(message, caller)))
+        ended = False
         try:
-            text, done = await collect(source)
+            # The body was read long ago, so only polling notices a client that went away.
+            while not (await asyncio.wait({whole}, timeout=HANGUP_POLL_S))[0]:
+                if hung_up is not None and await hung_up():
+                    raise HTTPException(499, "the client closed the connection")
+            ended = True
+            return whole.result()  # RequestFailed: an error event or the deadline
+        finally:
+            whole.cancel()
+            self.release(rid, cancel=not ended)
+
+    async def complete(
+        self, body: GenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
+    ) -> GenerateResponse:
+        message = self.to_message(body, caller.tenant)
+        try:
+            text, done = await self.collect(message, caller, hung_up)
         except RequestFailed as e:
             raise HTTPException(e.status, e.message) from e
-        finally:
-            await self.close(message.request_id)
         return GenerateResponse(
             request_id=done.request_id,
             text=text,

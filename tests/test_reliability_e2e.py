@@ -255,10 +255,33 @@ async def test_v1_stream_client_that_leaves_cancels_too(
         chunks = 0
         async for line in r.aiter_lines():
             chunks += line.startswith("data: {")
-            if chunks >= 3:
-                break  # and hang up
+            # /v1 has no ignore_eos: hang up only once a heartbeat shows the answer still
+            # being written, so that there is something to cancel.
+            if chunks >= 3 and any((await in_flight(client, stack)).values()):
+                break
+        else:
+            pytest.fail("the answer ended before a heartbeat showed it running")
     left = time.monotonic()
     await _wait_idle(client, stack, timeout_s=10)
+    assert time.monotonic() - left < 3
+
+
+async def test_non_streamed_client_that_leaves_cancels_too(
+    client: httpx.AsyncClient, stack: LocalStack
+) -> None:
+    await _wait_idle(client, stack)
+    body = {"prompt": "Tell me a long story.", "max_tokens": 512, "ignore_eos": True}
+    waiting = asyncio.create_task(client.post("/generate", json=body))
+    deadline = time.monotonic() + 60
+    while not any((await in_flight(client, stack)).values()):
+        assert time.monotonic() < deadline, "no worker took the request"
+        await asyncio.sleep(0.1)
+    waiting.cancel()  # httpx closes the connection under a cancelled request: a hang-up
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    left = time.monotonic()
+    await _wait_idle(client, stack, timeout_s=10)
+    # The API notices within its 0.5 s poll; 512 tokens would take ~30 s.
     assert time.monotonic() - left < 3
 
 
