@@ -66,9 +66,11 @@ def create_app(settings: Settings) -> FastAPI:
         embedder = await asyncio.to_thread(Embedder.load, settings)
         template = PromptTemplate.load(settings.rag_prompt_template)
         app.state.rag = RagHandler(settings, app.state.generate, embedder, template)
+        topics = asyncio.create_task(kafka.watch_topics(settings, producer))
         try:
             yield
         finally:
+            topics.cancel()
             app.state.rag.close()
             await hub.stop()
             await producer.stop()

@@ -63,6 +63,7 @@ class Admission:
         except Exception as e:  # Redis down: enqueueing fails anyway; keep the last view
             log.warning("backpressure: heartbeats unreadable: %s", e)
             return
+        beats = [b for b in beats if b.interactive]  # a batch-only pool takes none of these
         self._lag = sum(b.lag for b in beats)
         self._workers = len(beats)
         # With no worker nobody measures the lag: every admission counts until one appears.

@@ -10,6 +10,7 @@ A message that cannot be ingested goes to the dead-letter topic and the consumer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -195,20 +196,33 @@ def _readable_doc_id(value: bytes | None) -> str | None:
 # --- the consumer loop -----------------------------------------------------------------------
 
 
-async def consume(ingester: Ingester, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
-    """Handle records one by one until `stopping` is set, committing each once handled."""
-    while not stopping.is_set():
+async def consume(
+    ingester: Ingester,
+    consumer: AIOKafkaConsumer,
+    stopping: asyncio.Event,
+    lost: asyncio.Event | None = None,
+) -> None:
+    """Handle records one by one until `stopping` (or `lost`: the broker lost the topic) is
+    set, committing each once handled."""
+    lost = lost or asyncio.Event()
+    seen: dict[TopicPartition, int] = {}
+    while not stopping.is_set() and not lost.is_set():
         # One record per poll: a batch of large documents could outlast max_poll_interval_ms.
         batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=1)
         for tp, records in batch.items():
             for record in records:
                 await ingester.handle(record)
+                seen[tp] = record.offset + 1
                 await _commit(consumer, tp, record.offset + 1)
+        if gone := kafka.rewound(consumer, seen):
+            raise kafka.KafkaLost(f"the broker's log of {gone} went back")
 
 
 async def _commit(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
     try:
-        await consumer.commit({tp: offset})
+        await kafka.commit(consumer, {tp: offset})
+    except kafka.KafkaLost:
+        raise
     except Exception as e:  # e.g. a rebalance took the partition: its new owner redoes it
         log.warning("commit of %s@%d failed: %s", tp, offset, e)
 
@@ -232,17 +246,42 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
     ingester = Ingester(settings, embedder, store, redis, producer)
-    lag = asyncio.create_task(kafka.report_lag(consumer, group))
+    lost = asyncio.Event()
+
+    def recreated(created: list[str]) -> None:
+        if settings.ingest_topic in created:
+            lost.set()
+
+    background = [
+        asyncio.create_task(kafka.report_lag(consumer, group)),
+        asyncio.create_task(kafka.watch_topics(settings, producer, recreated)),
+    ]
     try:
         await producer.start()
         await consumer.start()
         log.info("ingesting %s into %s (group %s)", settings.ingest_topic, store.name, group)
-        await consume(ingester, consumer, stopping)
+        await consume(ingester, consumer, stopping, lost)
     finally:
-        lag.cancel()
-        await consumer.stop()
-        await producer.stop()
+        for task in background:
+            task.cancel()
+        # Bounded: leaving a group the broker has forgotten may not get an answer.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(consumer.stop(), kafka.COMMIT_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), kafka.COMMIT_TIMEOUT_S)
         await redis.aclose()
+    if lost.is_set():
+        raise kafka.KafkaLost(f"the broker lost {settings.ingest_topic}")
+
+
+async def serve_reconnecting(settings: Settings, embedder: Embedder, store: VectorStore) -> None:
+    """`serve`, again with fresh clients whenever the broker lost its state."""
+    while True:
+        try:
+            await serve(settings, embedder, store)
+            return
+        except kafka.KafkaLost as e:
+            log.warning("Kafka lost (%s): reconnecting from scratch", e)
 
 
 def main() -> None:
@@ -253,7 +292,7 @@ def main() -> None:
     embedder = Embedder.load(settings)
     store = open_store(settings, embedder.dim)
     try:
-        asyncio.run(serve(settings, embedder, store))
+        asyncio.run(serve_reconnecting(settings, embedder, store))
     finally:
         store.close()
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from shared import metrics
 from shared.settings import Settings
@@ -58,10 +59,40 @@ def make_consumer(
     )
 
 
-async def ensure_topics(settings: Settings) -> None:
-    """Create Sluice's topics (requests, batch, ingestion, and their dead-letter topics) if
-    missing: every process calls this at start, so none depends on another having started first."""
-    wanted = {
+# A metadata request on a connection the process already has: cheap enough to ask every second.
+TOPIC_CHECK_S = 1.0
+# aiokafka retries a commit the broker refuses with a retriable error (say an unknown
+# partition) forever; past this the consumer's Kafka session counts as lost.
+COMMIT_TIMEOUT_S = 10.0
+
+
+class KafkaLost(Exception):
+    """The broker lost this consumer's topic, log or group (as the dev broker does when it
+    restarts: memory storage). The process reconnects from scratch."""
+
+
+def rewound(consumer: AIOKafkaConsumer, seen: dict[TopicPartition, int]) -> list[TopicPartition]:
+    """Partitions whose log now ends before offsets already taken from them (`seen`: one past
+    the highest per partition): the broker lost them, and fetching there would wait forever."""
+    mine = consumer.assignment()  # highwater() asserts the partition is assigned
+    return [
+        tp
+        for tp, nxt in seen.items()
+        if tp in mine and (end := consumer.highwater(tp)) is not None and end < nxt
+    ]
+
+
+async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Commit `offsets`, or raise KafkaLost if the broker will not take them."""
+    try:
+        await asyncio.wait_for(consumer.commit(offsets), COMMIT_TIMEOUT_S)
+    except TimeoutError as e:
+        raise KafkaLost(f"no commit taken in {COMMIT_TIMEOUT_S:.0f} s") from e
+
+
+def _topics(settings: Settings) -> dict[str, int]:
+    """Every Sluice topic and its partition count."""
+    return {
         settings.requests_topic: settings.requests_partitions,
         settings.dlq_topic: 1,
         settings.batch_requests_topic: settings.requests_partitions,
@@ -70,6 +101,13 @@ async def ensure_topics(settings: Settings) -> None:
         settings.ingest_topic: settings.ingest_partitions,
         settings.ingest_dlq_topic: 1,
     }
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create Sluice's topics (requests, batch, ingestion, and their dead-letter topics) if
+    missing: every process calls this at start, so none depends on another having started
+    first. Returns those it created."""
+    wanted = _topics(settings)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
     await admin.start()
     try:
@@ -93,6 +131,33 @@ async def ensure_topics(settings: Settings) -> None:
             log.info("created topics %s", [t.name for t in missing])
     finally:
         await admin.close()
+    return [t.name for t in missing]
+
+
+async def watch_topics(
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    on_recreated: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Every second, recreate topics the broker has lost, and tell `on_recreated`. A real Kafka
+    keeps its topics; the dev broker (memory storage) forgets them when it restarts, and then
+    acknowledges messages produced to them without keeping them, until they are created again:
+    the sooner that happens, the fewer requests are lost."""
+    wanted = set(_topics(settings))
+    while True:
+        await asyncio.sleep(TOPIC_CHECK_S)
+        try:
+            cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), TOPIC_CHECK_S)
+            if wanted <= cluster.topics():
+                continue
+            created = await ensure_topics(settings)
+        except Exception as e:  # broker down: the clients report that themselves
+            log.debug("topic check failed: %s", e)
+            continue
+        if created:
+            log.warning("the broker had lost topics %s (restarted without storage?)", created)
+            if on_recreated is not None:
+                on_recreated(created)
 
 
 async def kafka_reachable(producer: AIOKafkaProducer, timeout_s: float = 2.0) -> bool:

@@ -169,6 +169,8 @@ class Heartbeat(_Strict):
     # Requests waiting in this worker's partitions of the requests topic: the API's
     # backpressure sums it over workers.
     lag: int = 0
+    # False for a batch-only worker: it adds nothing to the capacity interactive requests see.
+    interactive: bool = True
 
 
 # --- Ingestion: the message on `sluice.ingest` (keyed by doc_id, so one document's versions

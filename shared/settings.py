@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     # (interactive ones included); interactive ones may go up to max_in_flight. On CPU every
     # running sequence slows each engine step: keep it small; on a GPU raise it.
     batch_max_in_flight: int = Field(4, ge=1)
+    # ...and only once no interactive request has arrived for this long: interactive clients come
+    # in waves, and batch work started in the gap between two waves would share the next wave's
+    # prefill steps (docs/BENCHMARKS.md §8). 0: whenever the interactive poll comes back empty.
+    batch_quiet_ms: int = Field(1000, ge=0)
+    # What a worker consumes: both feeds (interactive first), or one, e.g. "batch" for a pool of
+    # spot workers that must never hold an interactive request.
+    worker_feeds: Literal["all", "interactive", "batch"] = "all"
 
     # Model and limits shared by the API (validation) and the workers (engine)
     model: str = DEFAULT_MODEL

@@ -1,6 +1,7 @@
-"""Faults on a real stack of its own (two vLLM workers, the API, and a Redis of its own so that
-it can be restarted): a worker SIGKILLed mid-stream, the API restarted, Redis restarted, a
-client that leaves, an explicit cancel. docs/RELIABILITY.md reports what these show."""
+"""Faults on a real stack of its own (two vLLM workers, the API, and a Redis and a dev broker of
+its own so that they can be restarted): a worker SIGKILLed mid-stream, the API restarted, Redis
+restarted, a client that leaves, an explicit cancel, and last the broker restarted.
+docs/RELIABILITY.md reports what these show."""
 
 from __future__ import annotations
 
@@ -57,6 +58,26 @@ class RedisServer:
         self.proc = devstack.start_redis(self.port, LOGS / "redis.log")
 
 
+@dataclass
+class BrokerServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def restart(self, down_s: float) -> None:
+        """Tansu with memory storage: it comes back without topics, messages or groups."""
+        devstack.stop(self.proc)
+        time.sleep(down_s)
+        self.proc = devstack.start_broker(self.port, LOGS / "broker.log")
+
+
+@pytest.fixture(scope="module")
+def broker_server() -> Iterator[BrokerServer]:
+    port = devstack.free_port()
+    server = BrokerServer(port, devstack.start_broker(port, LOGS / "broker.log"))
+    yield server
+    devstack.stop(server.proc)
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     port = devstack.free_port()
@@ -67,10 +88,14 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def stack(
-    services: Services, redis_server: RedisServer, greedy_reference: dict
+    services: Services,
+    redis_server: RedisServer,
+    broker_server: BrokerServer,
+    greedy_reference: dict,
 ) -> Iterator[LocalStack]:
     redis = f"redis://127.0.0.1:{redis_server.port}/0"
-    settings = make_settings(services, redis=redis, port=devstack.free_port())
+    kafka = f"127.0.0.1:{broker_server.port}"
+    settings = make_settings(services, redis=redis, kafka=kafka, port=devstack.free_port())
     s = LocalStack(settings, LOGS)
     s.start_worker()
     s.start_worker()
@@ -302,6 +327,46 @@ async def test_delete_cancels_and_deadline_times_out(
     late = await read(client, Stream(), "POST", "/generate", {**body, "timeout_s": 0.001})
     assert late.done is not None and late.done["finish_reason"] == "timeout"
     assert late.tokens == [] and late.done["usage"]["completion_tokens"] == 0
+
+
+async def test_dev_broker_restart_the_queue_recovers_by_itself(
+    client: httpx.AsyncClient, stack: LocalStack, broker_server: BrokerServer
+) -> None:
+    """Last in this module. The dev broker comes back empty: what was queued is gone, and until
+    the topics are created again (within a second) it acknowledges requests without keeping
+    them. The workers notice that their sessions are gone and reconnect without reloading the
+    engine; from then on every request is served at once again."""
+    await _wait_idle(client, stack)
+    body = {"prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
+    assert (await client.post("/generate", json=body)).status_code == 200
+    await asyncio.to_thread(broker_server.restart, 1.0)
+    restarted = time.monotonic()
+    outcomes: list[str] = []  # one per request sent until the first was served
+    while not outcomes or outcomes[-1] != "served":
+        assert time.monotonic() - restarted < 180, outcomes
+        r = await client.post("/generate", json={**body, "timeout_s": 30})
+        if r.status_code == 200 and r.json()["finish_reason"] == "length":
+            outcomes.append("served")
+        elif r.status_code == 200:  # reached a worker only after its deadline
+            outcomes.append(r.json()["finish_reason"])
+        else:  # 503: not enqueued; 504: acknowledged by the broker but never delivered
+            assert r.status_code in (503, 504), r.text
+            outcomes.append(str(r.status_code))
+            await asyncio.sleep(1)
+    recovered_after = time.monotonic() - restarted
+    after: list[float] = []
+    for _ in range(6):
+        start = time.monotonic()
+        r = await client.post("/generate", json=body)
+        if r.status_code == 503:  # once per partition the broker half-remembers (a retry)
+            outcomes.append("503 after")
+            r = await client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+        after.append(time.monotonic() - start)
+    assert max(after) < 10, after  # served at once again, not after another reconnect
+    summary = {"recovered_after_s": recovered_after, "outcomes": outcomes, "after_s": after}
+    (LOGS / "broker-restart.json").write_text(json.dumps(summary))
 
 
 async def _wait_idle(client: httpx.AsyncClient, stack: LocalStack, timeout_s: float = 60) -> None:

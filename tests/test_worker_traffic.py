@@ -209,3 +209,52 @@ async def test_interactive_requests_overtake_a_batch_backlog(services: Services)
     assert {engine.priorities[r.request_id] for r in backlog} == {1}
     # Batch work never took more than its cap: the interactive ones were the only extra.
     assert engine.max_running <= settings.batch_max_in_flight + len(interactive)
+
+
+async def test_batch_work_waits_until_interactive_arrivals_pause(services: Services) -> None:
+    # Interactive clients come in waves; batch work started between two waves would share the
+    # next wave's prefill. A request every 0.25 s never leaves the 1.5 s quiet window.
+    settings = make_settings(services, batch_quiet_ms=1500, batch_max_in_flight=4)
+    engine = FakeEngine(token_delay_s=0.01)
+    first, *drip = [req(max_tokens=5) for _ in range(12)]
+    backlog = [req(max_tokens=5) for _ in range(4)]
+    events = await listen(settings, [r.request_id for r in (first, *drip)])
+    async with worker(settings, engine):
+        await produce(settings, settings.requests_topic, *encode(first))
+        await asyncio.wait_for(engine.started.wait(), 30)
+        await produce(settings, settings.batch_requests_topic, *encode(*backlog))
+        for r in drip:
+            await asyncio.sleep(0.25)
+            await produce(settings, settings.requests_topic, *encode(r))
+        last_interactive_at = time.monotonic()
+        await done_events(events)
+        await read_topic(settings, settings.batch_results_topic, len(backlog), timeout_s=30)
+        batch_done_at = time.monotonic()
+    order = engine.generated
+    batch_starts = [order.index(r.request_id) for r in backlog]
+    interactive_starts = [order.index(r.request_id) for r in (first, *drip)]
+    assert min(batch_starts) > max(interactive_starts), order
+    assert batch_done_at - last_interactive_at >= 1.0  # it waited out the quiet window
+
+
+async def test_a_batch_only_worker_leaves_interactive_requests_alone(services: Services) -> None:
+    settings = make_settings(services, worker_feeds="batch", batch_max_in_flight=2)
+    engine = FakeEngine(token_delay_s=0.01)
+    interactive = req(max_tokens=3)
+    backlog = [req(max_tokens=3) for _ in range(5)]
+    async with worker(settings, engine):
+        await produce(settings, settings.requests_topic, *encode(interactive))
+        await produce(settings, settings.batch_requests_topic, *encode(*backlog))
+        results = await read_topic(settings, settings.batch_results_topic, len(backlog))
+        redis = Redis.from_url(settings.redis)
+        try:
+            beats = await sredis.live_workers(redis, settings)
+        finally:
+            await redis.aclose()
+    ids = {BatchResult.model_validate_json(r.value).request_id for r in results}
+    assert ids == {r.request_id for r in backlog}
+    assert interactive.request_id not in engine.generated  # still in Kafka for other workers
+    assert await committed(settings, settings.requests_topic, settings.consumer_group) == -1
+    assert engine.max_running <= 2
+    # Not counted as interactive capacity by the API's backpressure.
+    assert [b.interactive for b in beats] == [False]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from shared import kafka
+from shared.kafka import KafkaLost
 from workers.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,12 @@ class Feed:
     priority: int  # passed to the engine: lower is scheduled sooner
     offsets: OffsetTracker = field(default_factory=OffsetTracker)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Kept across rebalances (unlike `offsets`): per partition, one past the highest offset
+    # this worker took, and the highest it committed. A log or a group's offsets found behind
+    # these mean the broker lost them.
+    taken: dict[TopicPartition, int] = field(default_factory=dict)
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    reassigned: bool = False
 
     @property
     def batch(self) -> bool:
@@ -45,7 +53,26 @@ class Feed:
         if paused:
             self.consumer.resume(*paused)
         got = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        for tp, records in got.items():
+            self.taken[tp] = max(self.taken.get(tp, 0), records[-1].offset + 1)
         return [(tp, record) for tp, records in got.items() for record in records]
+
+    async def lost(self) -> list[TopicPartition]:
+        """Partitions the broker lost (a dev broker restarted with memory storage): their log
+        now ends before what this worker took, or, after a rebalance, the group's committed
+        offset is behind what this worker committed. Fetching there would wait forever."""
+        gone = kafka.rewound(self.consumer, self.taken)
+        if gone or not self.reassigned:
+            return gone
+        self.reassigned = False
+        for tp in self.consumer.assignment() & self.committed.keys():
+            try:
+                theirs = await asyncio.wait_for(self.consumer.committed(tp), kafka.COMMIT_TIMEOUT_S)
+            except TimeoutError:
+                theirs = None
+            if theirs is None or theirs < self.committed[tp]:
+                gone.append(tp)
+        return gone
 
     async def hold(self) -> None:
         """Take nothing and stop fetching: the records stay in Kafka (visible as lag), and
@@ -58,11 +85,14 @@ class Feed:
         if not ready:
             return
         try:
-            await self.consumer.commit(ready)
+            await kafka.commit(self.consumer, ready)
+        except KafkaLost:
+            raise
         except Exception as e:  # e.g. a rebalance took the partition: the new owner redoes it
             log.warning("commit of %s failed: %s", ready, e)
             return
         self.offsets.mark_committed(ready)
+        self.committed.update(ready)
 
 
 class Rebalance(ConsumerRebalanceListener):
@@ -71,10 +101,14 @@ class Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Commit what finished while we still own it; the rest is redelivered to the new owner.
-        await self._feed.commit()
+        try:
+            await self._feed.commit()
+        except KafkaLost as e:  # the main loop's next commit finds out too
+            log.warning("%s", e)
         self._feed.offsets.forget(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._feed.reassigned = True
         log.info(
             "%s: assigned %s",
             self._feed.name,

@@ -5,11 +5,12 @@ of the partition) has finished, so a worker that dies leaves its requests to be 
 A worker at `max_in_flight` pauses its partitions and leaves the rest in Kafka for others.
 
 Interactive traffic comes first (workers/feed.py). Each round the worker polls the requests
-topic; only when that brought nothing does it take batch requests, and only while it holds
-fewer than `batch_max_in_flight` requests in all, so interactive arrivals always find room and
-push batch work out. In the engine, interactive requests have priority 0 and batch ones 1.
-Batch requests are not streamed: their result goes to the batch results topic
-(workers/sinks.py).
+topic; only when that brought nothing, no interactive request arrived for `batch_quiet_ms`, and
+it holds fewer than `batch_max_in_flight` requests in all does it take batch requests, so
+interactive arrivals always find room and push batch work out. In the engine, interactive
+requests have priority 0 and batch ones 1. Batch requests are not streamed: their result goes
+to the batch results topic (workers/sinks.py). `worker_feeds` makes a worker serve one feed
+only, e.g. a batch-only pool.
 
 A request stops early at its deadline (finish_reason "timeout") or when cancelled through Redis
 ("abort", workers/cancel.py); one already expired or cancelled when picked up is never run.
@@ -19,7 +20,9 @@ Either way it ends with a done event and its offset is committed: it is handled,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import signal
 import time
 
@@ -31,6 +34,7 @@ from redis.exceptions import RedisError
 
 from shared import kafka, metrics
 from shared import redis as sredis
+from shared.kafka import KafkaLost
 from shared.ledger import Ledger
 from shared.messages import GenerationRequest, Heartbeat
 from shared.settings import Settings
@@ -49,6 +53,7 @@ log = logging.getLogger("sluice.worker")
 
 INTERACTIVE, BATCH = 0, 1  # engine priorities: lower is scheduled sooner
 BATCH_POLL_INTERVAL_MS = 3_600_000
+CLOSE_TIMEOUT_S = 10.0
 
 
 class Worker:
@@ -57,7 +62,7 @@ class Worker:
         settings: Settings,
         engine: Engine,
         redis: Redis,
-        consumer: AIOKafkaConsumer,
+        consumer: AIOKafkaConsumer | None,
         producer: AIOKafkaProducer,
         stopping: asyncio.Event | None = None,
         batch_consumer: AIOKafkaConsumer | None = None,
@@ -70,9 +75,12 @@ class Worker:
         self.cost = CostMeter(settings, engine.model)
         self.ledger = Ledger(redis, settings)
         s = settings
-        self.interactive = Feed(
-            "interactive", consumer, s.requests_topic, s.consumer_group, s.dlq_topic, INTERACTIVE
-        )
+        self.interactive = None
+        if consumer is not None:
+            self.interactive = Feed(
+                "interactive", consumer, s.requests_topic, s.consumer_group, s.dlq_topic,
+                INTERACTIVE,
+            )  # fmt: skip
         self.batch = None
         if batch_consumer is not None:
             self.batch = Feed(
@@ -83,7 +91,9 @@ class Worker:
         self.held: dict[str, Running] = {}  # request id -> the request being served
         self.stopping = stopping or asyncio.Event()
         self._freed = asyncio.Event()
+        self._interactive_at = -math.inf  # monotonic time the last interactive request came
         self._fatal: BaseException | None = None
+        self._lost: KafkaLost | None = None
 
     @property
     def in_flight(self) -> int:
@@ -101,11 +111,22 @@ class Worker:
                 cancel.listen(self.redis, self.settings, self.cancel, self.held.keys)
             ),
             *(asyncio.create_task(kafka.report_lag(f.consumer, f.group)) for f in self.feeds),
+            asyncio.create_task(
+                kafka.watch_topics(self.settings, self.producer, self._topics_recreated)
+            ),
         ]
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and self._lost is None:
                 await self._poll_once()
-                await self.commit()
+                try:
+                    await self.commit()
+                except KafkaLost as e:
+                    self._lost = e
+                for feed in self.feeds:
+                    if gone := await feed.lost():
+                        self._lost = KafkaLost(f"the broker lost {sorted(gone)}")
+            if self._lost is not None:
+                log.error("Kafka lost (%s): finishing what runs, then reconnecting", self._lost)
             await self._drain()
         finally:
             for task in background:
@@ -117,28 +138,53 @@ class Worker:
             await sredis.delete_heartbeat(self.redis, self.settings, self.settings.worker_id)
         if self._fatal is not None:
             raise self._fatal
+        if self._lost is not None:
+            raise self._lost
+
+    def _topics_recreated(self, created: list[str]) -> None:
+        # The broker lost its state: this worker's group membership, positions and pending
+        # commits refer to logs that are gone. Reconnect rather than wait for a commit to hang.
+        if any(feed.topic in created for feed in self.feeds):
+            self._lost = KafkaLost(f"the broker lost {sorted(created)}")
 
     async def _poll_once(self) -> None:
-        room = self.settings.max_in_flight - self.in_flight
+        s = self.settings
+        room = s.max_in_flight - self.in_flight
         if room <= 0:
-            # Full: stop fetching (records stay in Kafka for other workers), keep the group
-            # membership alive, and wake as soon as a request finishes.
-            await self.interactive.hold()
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
+            await self._wait_for_room()
             return
-        taken = await self._take(self.interactive, room, self.settings.poll_timeout_ms)
-        # Batch work only with spare capacity: when the interactive poll brought nothing, and
-        # only while the worker holds fewer than batch_max_in_flight requests in all, so that
-        # interactive load pushes batch work out. Otherwise the batch consumer is left alone,
-        # neither polled nor paused: pausing drops what it has fetched, and with a backlog each
-        # resume would fetch megabytes again (it may go unpolled for long, see serve()).
-        batch_room = min(room, self.settings.batch_max_in_flight - self.in_flight)
-        if self.batch is not None and taken == 0 and batch_room > 0:
+        if self.interactive is None:  # a batch-only worker: batch work is all there is
+            assert self.batch is not None
+            batch_room = min(room, s.batch_max_in_flight - self.in_flight)
+            if batch_room <= 0:
+                await self._wait_for_room()
+            else:
+                await self._take(self.batch, batch_room, s.poll_timeout_ms)
+            return
+        if await self._take(self.interactive, room, s.poll_timeout_ms):
+            self._interactive_at = time.monotonic()
+            return
+        # Batch work only with spare capacity: the interactive poll brought nothing, none came
+        # for batch_quiet_ms, and the worker holds fewer than batch_max_in_flight requests in
+        # all, so that interactive load pushes batch work out. Otherwise the batch consumer is
+        # left alone, neither polled nor paused: pausing drops what it has fetched, and with a
+        # backlog each resume would fetch megabytes again (it may go unpolled for long, see
+        # serve()).
+        batch_room = min(room, s.batch_max_in_flight - self.in_flight)
+        quiet = time.monotonic() - self._interactive_at >= s.batch_quiet_ms / 1000
+        if self.batch is not None and batch_room > 0 and quiet:
             await self._take(self.batch, batch_room, timeout_ms=0)
+
+    async def _wait_for_room(self) -> None:
+        """Full: stop fetching (records stay in Kafka for other workers), keep the group
+        membership alive, and wake as soon as a request finishes."""
+        if self.interactive is not None:
+            await self.interactive.hold()
+        self._freed.clear()
+        try:
+            await asyncio.wait_for(self._freed.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
 
     async def _take(self, feed: Feed, room: int, timeout_ms: int) -> int:
         records = await feed.take(min(room, self.settings.poll_max_records), timeout_ms)
@@ -196,14 +242,15 @@ class Worker:
             await feed.commit()
 
     async def _drain(self) -> None:
-        """Graceful stop: no new polls; let in-flight requests finish, then commit them."""
+        """Graceful stop: no new polls; let in-flight requests finish, then commit them (not
+        when Kafka is lost: they may come again, at least once)."""
         tasks = [t for feed in self.feeds for t in feed.tasks]
         if tasks and self._fatal is None:
             log.info("draining %d in-flight requests", len(tasks))
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
         for task in tasks:
             task.cancel()
-        if self._fatal is None:
+        if self._fatal is None and self._lost is None:
             await self.commit()
 
     # -- one request ------------------------------------------------------------------------
@@ -303,6 +350,7 @@ class Worker:
             await self.engine.abort(rid)
 
     async def _heartbeat(self) -> None:
+        interactive = self.interactive is not None
         while True:
             beat = Heartbeat(
                 worker_id=self.settings.worker_id,
@@ -310,7 +358,8 @@ class Worker:
                 model=self.engine.model,
                 in_flight=self.in_flight,
                 ts=time.time(),
-                lag=metrics.reported_lag(self.settings.requests_topic),
+                lag=metrics.reported_lag(self.settings.requests_topic) if interactive else 0,
+                interactive=interactive,
             )
             try:
                 await sredis.write_heartbeat(self.redis, self.settings, beat)
@@ -331,12 +380,17 @@ async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None =
     await kafka.ensure_topics(settings)
     redis = sredis.connect(settings)
     producer = kafka.make_producer(settings)
-    consumer = kafka.make_consumer(settings)
+    feeds = settings.worker_feeds
+    consumer = kafka.make_consumer(settings) if feeds in ("all", "interactive") else None
     # Not polled while interactive traffic keeps the worker busy or its batch slots are full,
     # possibly for long: it must not count as gone (a rebalance) meanwhile.
-    batch_consumer = kafka.make_consumer(
-        settings, group=settings.batch_consumer_group, max_poll_interval_ms=BATCH_POLL_INTERVAL_MS
-    )
+    batch_consumer = None
+    if feeds in ("all", "batch"):
+        batch_consumer = kafka.make_consumer(
+            settings,
+            group=settings.batch_consumer_group,
+            max_poll_interval_ms=BATCH_POLL_INTERVAL_MS,
+        )
     worker = Worker(
         settings, engine, redis, consumer, producer, stopping=stop, batch_consumer=batch_consumer
     )
@@ -350,18 +404,20 @@ async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None =
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stopping.set)
     log.info(
-        "worker %s serving %s on %s (batch: %s)",
+        "worker %s serving %s on %s",
         settings.worker_id,
         engine.model,
-        settings.requests_topic,
-        settings.batch_requests_topic,
+        ", ".join(f"{f.topic} ({f.name})" for f in worker.feeds),
     )
     try:
         await worker.run()
     finally:
         for feed in worker.feeds:
-            await feed.consumer.stop()
-        await producer.stop()
+            # Bounded: leaving a group the broker has forgotten may not get an answer.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(feed.consumer.stop(), CLOSE_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S)
         await redis.aclose()
 
 
@@ -375,7 +431,13 @@ def main() -> None:
     async def run() -> None:
         engine = engines.start(settings)
         try:
-            await serve(settings, engine)
+            while True:
+                try:
+                    await serve(settings, engine)
+                    return
+                except KafkaLost:
+                    # Fresh clients, topics ensured again; the engine stays loaded.
+                    log.warning("reconnecting to Kafka from scratch")
         finally:
             await engine.shutdown()
 
