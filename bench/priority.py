@@ -1,14 +1,16 @@
 """Interactive priority under a batch burst: TTFT of streaming requests with the stack to
-themselves, then again while a burst of batch requests waits on the batch topic; one run, one
-stack (broker, API, one vLLM worker).
+themselves, then again while a burst of batch requests waits on the batch topic; one stack
+(broker, API, one vLLM worker) per value of `--quiet-ms` (SLUICE_BATCH_QUIET_MS), one after the
+other in one run, so that the values compare side by side.
 
 Phase `alone`: `--interactive` streaming requests at `--concurrency`. Then `--batch` requests
 are produced to the batch topic as fast as the broker takes them, and once the worker is
 running batch work, phase `burst` sends the same interactive requests again. The burst is not
 waited for (it would take hours on CPU); how much of it got done meanwhile is reported.
 
-    sluice bench priority [--interactive 30] [--concurrency 4] [--max-tokens 32]
-                          [--batch 10000] [--batch-max-tokens 64] [--out F.json]
+    sluice bench priority [--interactive 60] [--concurrency 4] [--max-tokens 32]
+                          [--batch 10000] [--batch-max-tokens 64] [--quiet-ms 0,1000]
+                          [--out F.json]
 """
 
 from __future__ import annotations
@@ -133,16 +135,25 @@ async def bench(args: argparse.Namespace, url: str, settings: Settings) -> dict:
     }
 
 
-def markdown(report: dict) -> str:
+def markdown(runs: list[dict]) -> str:
     rows = [
-        "| phase | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | Kafka queue p50 ms | e2e p50 ms |",
-        "|---|---|---|---|---|---|",
+        "| quiet ms | phase | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | Kafka queue p50 ms "
+        "| e2e p50 ms | p50 ratio | p99 ratio | batch done |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for phase, r in report["results"].items():
-        rows.append(
-            f"| {phase} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p90']:.0f} "
-            f"| {r['ttft_ms_p99']:.0f} | {r['queue_ms_p50']:.0f} | {r['e2e_ms_p50']:.0f} |"
-        )
+    for run in runs:
+        for phase, r in run["results"].items():
+            ratios = "| | |"
+            if phase == "burst":
+                ratios = (
+                    f"| {run['ttft_p50_ratio']:.2f} | {run['ttft_p99_ratio']:.2f} "
+                    f"| {run['burst']['batch_results_by_end']} |"
+                )
+            rows.append(
+                f"| {run['batch_quiet_ms']} | {phase} | {r['ttft_ms_p50']:.0f} "
+                f"| {r['ttft_ms_p90']:.0f} | {r['ttft_ms_p99']:.0f} | {r['queue_ms_p50']:.0f} "
+                f"| {r['e2e_ms_p50']:.0f} {ratios}"
+            )
     return "\n".join(rows)
 
 
@@ -152,33 +163,43 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--interactive", type=int, default=30, help="requests per phase")
+    parser.add_argument("--interactive", type=int, default=60, help="requests per phase")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=10_000, help="batch requests in the burst")
     parser.add_argument("--batch-max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--quiet-ms",
+        default="0,1000",
+        help="comma-separated SLUICE_BATCH_QUIET_MS values, each on a fresh stack",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
 
-    with bench_stack("priority") as stack:
-        settings = stack.settings
-        report = asyncio.run(bench(args, stack.url, settings))
-    report["config"] = {
-        **vars(args),
-        "out": str(args.out),
-        "model": settings.model,
-        "dtype": settings.dtype,
-        "batch_max_in_flight": settings.batch_max_in_flight,
-        "max_in_flight": settings.max_in_flight,
-        "scheduling_policy": settings.scheduling_policy,
-        "machine": machine(),
+    runs = []
+    for quiet_ms in (int(v) for v in args.quiet_ms.split(",")):
+        with bench_stack("priority", batch_quiet_ms=quiet_ms) as stack:
+            settings = stack.settings
+            print(f"-- SLUICE_BATCH_QUIET_MS={quiet_ms}", flush=True)
+            result = asyncio.run(bench(args, stack.url, settings))
+        runs.append({"batch_quiet_ms": quiet_ms, **result})
+    report = {
+        "runs": runs,
+        "config": {
+            **vars(args),
+            "out": str(args.out),
+            "model": settings.model,
+            "dtype": settings.dtype,
+            "batch_max_in_flight": settings.batch_max_in_flight,
+            "max_in_flight": settings.max_in_flight,
+            "scheduling_policy": settings.scheduling_policy,
+            "machine": machine(),
+        },
     }
     print()
-    print(markdown(report))
-    print(
-        f"\nTTFT p50 burst/alone: {report['ttft_p50_ratio']:.2f} "
-        f"(target <= 1.25); p99: {report['ttft_p99_ratio']:.2f}; "
-        f"batch results by the end: {report['burst']['batch_results_by_end']}"
-    )
+    print(markdown(runs))
+    print("\nTTFT p50 burst/alone, target <= 1.25:")
+    for run in runs:
+        print(f"  quiet {run['batch_quiet_ms']} ms: {run['ttft_p50_ratio']:.2f}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

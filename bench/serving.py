@@ -254,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def bench_stack(name: str) -> Iterator[devstack.LocalStack]:
+def bench_stack(name: str, **overrides: object) -> Iterator[devstack.LocalStack]:
     """A broker of its own, one vLLM worker and the API, on a fresh Redis prefix and with auth
-    off (the benchmarks measure serving, not keys); all of it stops on exit."""
+    off (the benchmarks measure serving, not keys), and any other settings `overrides`; all of
+    it stops on exit."""
     base = Settings()
     prepare_default_model(base)
     log_dir = Path(tempfile.mkdtemp(prefix=f"sluice-bench-{name}-"))
@@ -265,7 +266,7 @@ def bench_stack(name: str) -> Iterator[devstack.LocalStack]:
     settings = base.model_copy(update={
         "kafka": f"127.0.0.1:{broker_port}", "port": devstack.free_port(),
         "redis_prefix": f"sluice-bench-{uuid.uuid4().hex[:8]}", "worker_metrics_port": 0,
-        "auth_enabled": False,
+        "auth_enabled": False, **overrides,
     })  # fmt: skip
     stack = devstack.LocalStack(settings, log_dir)
     try:
