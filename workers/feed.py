@@ -22,6 +22,7 @@ from workers.offsets import OffsetTracker
 log = logging.getLogger(__name__)
 
 Records = list[tuple[TopicPartition, ConsumerRecord]]
+OFFSET_CHECK_S = 2.0  # a committed-offset lookup after a rebalance; one round trip when healthy
 
 
 @dataclass(eq=False)
@@ -64,14 +65,15 @@ class Feed:
         gone = kafka.rewound(self.consumer, self.taken)
         if gone or not self.reassigned:
             return gone
-        self.reassigned = False
         for tp in self.consumer.assignment() & self.committed.keys():
             try:
-                theirs = await asyncio.wait_for(self.consumer.committed(tp), kafka.COMMIT_TIMEOUT_S)
-            except TimeoutError:
-                theirs = None
+                theirs = await asyncio.wait_for(self.consumer.committed(tp), OFFSET_CHECK_S)
+            except Exception as e:  # the group is still settling: look again next round
+                log.debug("%s: committed offset of %s unknown for now: %r", self.name, tp, e)
+                return gone
             if theirs is None or theirs < self.committed[tp]:
                 gone.append(tp)
+        self.reassigned = False
         return gone
 
     async def hold(self) -> None:
