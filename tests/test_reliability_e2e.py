@@ -12,8 +12,9 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,42 +47,34 @@ class Stream:
         return [t["index"] for t in self.tokens]
 
 
-@dataclass
-class RedisServer:
-    port: int
-    proc: subprocess.Popen[bytes]
+Start = Callable[[int, Path], subprocess.Popen[bytes]]  # devstack.start_redis, start_broker
+
+
+class Server:
+    """A Redis or dev broker of this module's own, on a fixed port, so that it can be restarted
+    cold: both keep nothing on disk (the broker: no topics, messages or groups)."""
+
+    def __init__(self, start: Start, log: Path) -> None:
+        self.port = devstack.free_port()
+        self._start, self._log = start, log
+        self.proc = start(self.port, log)
 
     def restart(self, down_s: float) -> None:
-        """A cold restart on the same port: this Redis keeps nothing on disk."""
         devstack.stop(self.proc)
         time.sleep(down_s)
-        self.proc = devstack.start_redis(self.port, LOGS / "redis.log")
-
-
-@dataclass
-class BrokerServer:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    def restart(self, down_s: float) -> None:
-        """Tansu with memory storage: it comes back without topics, messages or groups."""
-        devstack.stop(self.proc)
-        time.sleep(down_s)
-        self.proc = devstack.start_broker(self.port, LOGS / "broker.log")
+        self.proc = self._start(self.port, self._log)
 
 
 @pytest.fixture(scope="module")
-def broker_server() -> Iterator[BrokerServer]:
-    port = devstack.free_port()
-    server = BrokerServer(port, devstack.start_broker(port, LOGS / "broker.log"))
+def broker_server() -> Iterator[Server]:
+    server = Server(devstack.start_broker, LOGS / "broker.log")
     yield server
     devstack.stop(server.proc)
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    port = devstack.free_port()
-    server = RedisServer(port, devstack.start_redis(port, LOGS / "redis.log"))
+def redis_server() -> Iterator[Server]:
+    server = Server(devstack.start_redis, LOGS / "redis.log")
     yield server
     devstack.stop(server.proc)
 
@@ -89,8 +82,8 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def stack(
     services: Services,
-    redis_server: RedisServer,
-    broker_server: BrokerServer,
+    redis_server: Server,
+    broker_server: Server,
     greedy_reference: dict,
 ) -> Iterator[LocalStack]:
     redis = f"redis://127.0.0.1:{redis_server.port}/0"
@@ -240,7 +233,7 @@ async def test_api_restart_and_resume_with_last_event_id(
 
 
 async def test_redis_restart_mid_stream(
-    client: httpx.AsyncClient, redis_server: RedisServer, greedy_reference: dict[str, str]
+    client: httpx.AsyncClient, redis_server: Server, greedy_reference: dict[str, str]
 ) -> None:
     prompt = PROMPTS[6]
     stream = Stream()
@@ -330,7 +323,7 @@ async def test_delete_cancels_and_deadline_times_out(
 
 
 async def test_dev_broker_restart_the_queue_recovers_by_itself(
-    client: httpx.AsyncClient, stack: LocalStack, broker_server: BrokerServer
+    client: httpx.AsyncClient, stack: LocalStack, broker_server: Server
 ) -> None:
     """Last in this module. The dev broker comes back empty: what was queued is gone, and until
     the topics are created again (within a second) it acknowledges requests without keeping
