@@ -51,10 +51,10 @@ from api.openai_protocol import (
     UsageInfo,
 )
 from api.schemas import GenerateBody
-from api.serving import SSE_HEADERS, GenerateHandler, HungUp
+from api.serving import SSE_HEADERS, GenerateHandler, HungUp, Validated
 from api.streaming import Event, RequestFailed
 from shared import metrics
-from shared.messages import DoneEvent, GenerationRequest, TokensEvent
+from shared.messages import DoneEvent, TokensEvent
 from shared.redis import live_workers
 from shared.settings import Settings
 
@@ -104,12 +104,13 @@ class OpenAIHandler:
         self._check_model(body.model)
         length_param, max_tokens = body.max_tokens_param()
         prompt = {"messages": [m.to_wire() for m in body.messages]}
-        message = self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
-        chunks = ChatChunks(f"chatcmpl-{message.request_id}", body.model, int(time.time()))
+        request = self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
+        rid = request.message.request_id
+        chunks = ChatChunks(f"chatcmpl-{rid}", body.model, int(time.time()))
         if body.stream:
-            return await self._stream(message, chunks, body.include_usage(), caller)
+            return await self._stream(request, chunks, body.include_usage(), caller)
         # RequestFailed: see install_error_handlers
-        text, done = await self.generate.collect(message, caller, hung_up)
+        text, done = await self.generate.collect(request, caller, hung_up)
         return _json(chunks.response(text, done), done)
 
     async def completion(
@@ -117,11 +118,12 @@ class OpenAIHandler:
     ) -> Response:
         self._check_model(body.model)
         prompt = {"prompt": body.prompt_text()}
-        message = self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
-        chunks = CompletionChunks(f"cmpl-{message.request_id}", body.model, int(time.time()))
+        request = self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
+        rid = request.message.request_id
+        chunks = CompletionChunks(f"cmpl-{rid}", body.model, int(time.time()))
         if body.stream:
-            return await self._stream(message, chunks, body.include_usage(), caller)
-        text, done = await self.generate.collect(message, caller, hung_up)
+            return await self._stream(request, chunks, body.include_usage(), caller)
+        text, done = await self.generate.collect(request, caller, hung_up)
         return _json(chunks.response(text, done), done)
 
     async def models(self) -> ModelList:
@@ -153,7 +155,7 @@ class OpenAIHandler:
         length_param: str,
         max_tokens: int | None,
         tenant: str,
-    ) -> GenerationRequest:
+    ) -> Validated:
         """Through /generate's body and checks, so both APIs validate alike."""
         given = {
             "max_tokens": max_tokens,
@@ -173,9 +175,10 @@ class OpenAIHandler:
             raise RequestValidationError(_renamed(e.errors(), "max_tokens", length_param)) from e
 
     async def _stream(
-        self, message: GenerationRequest, chunks: Chunks, include_usage: bool, caller: Caller
+        self, request: Validated, chunks: Chunks, include_usage: bool, caller: Caller
     ) -> StreamingResponse:
-        source = await self.generate.submit(message, caller)
+        source = await self.generate.submit(request, caller)
+        rid = request.message.request_id
 
         async def frames() -> AsyncIterator[bytes]:
             metrics.OPEN_STREAMS.inc()
@@ -187,9 +190,9 @@ class OpenAIHandler:
             finally:
                 metrics.OPEN_STREAMS.dec()
                 # A client that left before [DONE] cancels the request, as on /generate.
-                self.generate.release(message.request_id, cancel=not finished)
+                self.generate.release(rid, cancel=not finished)
 
-        headers = {**SSE_HEADERS, "X-Request-Id": message.request_id}
+        headers = {**SSE_HEADERS, "X-Request-Id": rid}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
 
 

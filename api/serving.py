@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from fastapi import HTTPException
@@ -44,6 +44,14 @@ HungUp = Callable[[], Awaitable[bool]]  # Starlette's Request.is_disconnected
 log = logging.getLogger(__name__)
 
 
+class Validated(NamedTuple):
+    """A wire message that passed the API's checks, and its prompt's length in tokens: counted
+    once, for the context check, and used again by the token rate limit."""
+
+    message: GenerationRequest
+    prompt_tokens: int
+
+
 def _relayed(backlog: list[Event], last_index: int) -> Relayed:
     """What a client that saw tokens up to `last_index` already has."""
     relayed = Relayed()
@@ -67,7 +75,7 @@ class GenerateHandler:
         self.limiter = RateLimiter(hub.redis, settings)
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    def to_message(self, body: GenerateBody, tenant: str | None = None) -> GenerationRequest:
+    def to_message(self, body: GenerateBody, tenant: str | None = None) -> Validated:
         """The wire message, or a 422 naming the field, before anything is enqueued."""
         most = self.settings.max_messages
         if body.messages is not None and len(body.messages) > most:
@@ -96,7 +104,7 @@ class GenerateHandler:
         timeout = min(
             body.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
         )
-        return GenerationRequest(
+        message = GenerationRequest(
             request_id=uuid.uuid4().hex,
             prompt=body.prompt,
             messages=body.messages,
@@ -105,6 +113,7 @@ class GenerateHandler:
             deadline=now + timeout,
             tenant=tenant,
         )
+        return Validated(message, n_prompt)
 
     async def _submit(self, message: GenerationRequest) -> asyncio.Queue[Event]:
         """Listen first, then enqueue: the first token can never beat the subscription."""
@@ -121,14 +130,13 @@ class GenerateHandler:
             raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
         return queue
 
-    async def submit(
-        self, message: GenerationRequest, caller: Caller = ANONYMOUS
-    ) -> AsyncIterator[Event]:
-        """Enqueue `message`; its events up to the terminal one. Enqueue failures raise here,
+    async def submit(self, request: Validated, caller: Caller = ANONYMOUS) -> AsyncIterator[Event]:
+        """Enqueue the request; its events up to the terminal one. Enqueue failures raise here,
         before any response starts. The caller ends with `close(request_id)`."""
         clock = Clock(time.monotonic())
         await self.admission.check()  # before the rate limit: a refused request costs no quota
-        await self._admit(message, caller)
+        await self._admit(request, caller)
+        message = request.message
         queue = await self._submit(message)
         timeout = self.settings.request_timeout_s
         if message.deadline is not None:
@@ -138,13 +146,12 @@ class GenerateHandler:
     async def close(self, request_id: str) -> None:
         await self.hub.close(request_id)
 
-    async def _admit(self, message: GenerationRequest, caller: Caller) -> None:
+    async def _admit(self, request: Validated, caller: Caller) -> None:
         """The caller's rate limits, then the id bound to the caller, for the routes that act
         on a request id (`api.auth.owns`)."""
+        message = request.message
         if caller.limited:
-            # Counted again rather than carried from to_message: only limited keys pay for it.
-            prompt = len(prompt_token_ids(self.tokenizer, message))
-            tokens = prompt + message.sampling.max_tokens
+            tokens = request.prompt_tokens + message.sampling.max_tokens
             await self.limiter.admit(caller, message.request_id, tokens)
         try:
             await bind(self.hub.redis, self.settings, message.request_id, caller)
@@ -156,9 +163,9 @@ class GenerateHandler:
     ) -> StreamingResponse:
         """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first.
         A client that goes away before the end cancels the request."""
-        message = self.to_message(body, caller.tenant)
-        source = await self.submit(message, caller)
-        return self._sse(message.request_id, source, prelude)
+        request = self.to_message(body, caller.tenant)
+        source = await self.submit(request, caller)
+        return self._sse(request.message.request_id, source, prelude)
 
     async def resume(self, request_id: str, last_event_id: int) -> StreamingResponse:
         """The rest of a request's stream after token `last_event_id`, from its Redis stream and
@@ -219,12 +226,12 @@ class GenerateHandler:
                 log.warning("could not cancel %s after its client left: %s", rid, e)
 
     async def collect(
-        self, message: GenerationRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
+        self, request: Validated, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> tuple[str, DoneEvent]:
-        """Enqueue `message` and wait for its whole completion (`stream: false`). A client that
-        hangs up first cancels the request, as for a stream: nobody would read the answer."""
-        rid = message.request_id
-        whole = asyncio.ensure_future(collect(await self.submit(message, caller)))
+        """Enqueue the request and wait for its whole completion (`stream: false`). A client
+        that hangs up first cancels it, as for a stream: nobody would read the answer."""
+        rid = request.message.request_id
+        whole = asyncio.ensure_future(collect(await self.submit(request, caller)))
         ended = False
         try:
             # The body was read long ago, so only polling notices a client that went away.
@@ -240,9 +247,9 @@ class GenerateHandler:
     async def complete(
         self, body: GenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> GenerateResponse:
-        message = self.to_message(body, caller.tenant)
+        request = self.to_message(body, caller.tenant)
         try:
-            text, done = await self.collect(message, caller, hung_up)
+            text, done = await self.collect(request, caller, hung_up)
         except RequestFailed as e:
             raise HTTPException(e.status, e.message) from e
         return GenerateResponse(
