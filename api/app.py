@@ -154,11 +154,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def cost_report(request: Request, _: AdminDep, window: str = "1h") -> cost.CostReport:
         """Cost over the last `window` (15m, 1h, 7d...) for the whole fleet, with monthly
         projections and recommendations (docs/COST.md)."""
-        try:
-            window_s = cost.parse_window(window)
-        except ValueError as e:
-            raise invalid_field("window", str(e), window, where="query") from e
-        return await cost.report(request.app.state.redis, settings, window_s)
+        return await cost.report(request.app.state.redis, settings, _window(window))
+
+    @app.get("/usage", response_model=cost.TenantUsage)
+    async def tenant_usage(
+        request: Request, caller: CallerDep, window: str = "1h"
+    ) -> cost.TenantUsage:
+        """The calling key's tenant's requests, tokens and cost over the last `window`."""
+        redis = request.app.state.redis
+        return await cost.tenant_usage(redis, settings, caller.tenant, _window(window))
 
     @app.get("/health")
     async def health(request: Request, ready: bool = False) -> JSONResponse:
@@ -180,6 +184,13 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _window(window: str) -> float:
+    try:
+        return cost.parse_window(window)
+    except ValueError as e:
+        raise invalid_field("window", str(e), window, where="query") from e
 
 
 def app_from_env() -> FastAPI:

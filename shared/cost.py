@@ -95,6 +95,41 @@ class CostReport(BaseModel):
     recommendations: list[Recommendation]
 
 
+class TenantUsage(BaseModel):
+    """One tenant's own requests and the engine time they used (`GET /usage`), without the
+    fleet's figures: those include other tenants' traffic."""
+
+    tenant: str
+    window_s: float
+    start: float
+    end: float
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float  # attributed: its token share of engine time
+    per_1k_requests_usd: float | None
+
+
+async def tenant_usage(
+    redis: Redis, settings: Settings, tenant: str, window_s: float
+) -> TenantUsage:
+    end = time.time()
+    totals = await ledger.totals(redis, settings, window_s, end)
+    requests = int(totals.get(f"requests@tenant:{tenant}", 0))
+    dollars = totals.get(f"dollars@tenant:{tenant}", 0.0)
+    return TenantUsage(
+        tenant=tenant,
+        window_s=window_s,
+        start=end - window_s,
+        end=end,
+        requests=requests,
+        prompt_tokens=int(totals.get(f"prompt_tokens@tenant:{tenant}", 0)),
+        completion_tokens=int(totals.get(f"completion_tokens@tenant:{tenant}", 0)),
+        cost_usd=round(dollars, 8),
+        per_1k_requests_usd=_ratio(dollars * 1000, requests),
+    )
+
+
 def worker_hourly_usd(settings: Settings) -> float:
     """One worker drives one GPU: its share of the instance price, after any spot discount."""
     return settings.instance_hourly_usd * (1 - settings.spot_discount) / settings.gpus_per_instance

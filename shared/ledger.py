@@ -10,7 +10,8 @@ Fields (all sums over the bucket): requests, prompt_tokens, completion_tokens, d
 (attributed to requests), attributed_seconds, worker_seconds (workers alive), busy_seconds
 (engine held a request), request_seconds (integral of requests in the engine),
 kv_usage_seconds (KV cache usage x busy time), waiting_seconds (engine queue non-empty),
-preemptions; and per-label dollars as `dollars@topic:<topic>` and `dollars@tenant:<tenant>`.
+preemptions; per-label dollars as `dollars@topic:<topic>` and `dollars@tenant:<tenant>`, and
+per tenant `requests@tenant:`, `prompt_tokens@tenant:` and `completion_tokens@tenant:`.
 """
 
 from __future__ import annotations

@@ -188,6 +188,7 @@ async def test_every_route_that_works_or_reads_needs_a_key_but_health_does_not(
         ("GET", "/documents/some-doc", None),
         ("DELETE", "/documents/some-doc", None),
         ("GET", "/cost", None),
+        ("GET", "/usage", None),
         ("GET", "/v1/models", None),
         ("POST", "/v1/completions", {"model": "m", "prompt": "x"}),
         ("POST", "/v1/chat/completions", {"model": "m", "messages": []}),
@@ -343,6 +344,18 @@ async def test_the_keys_tenant_goes_on_the_wire_and_pays_the_cost(
         report = await http.get("/cost", params={"window": "1h"}, headers=bearer(admin[0]))
         by_tenant = report.json()["by_tenant_usd"]
     assert by_tenant.get("billing-co") == pytest.approx(spent, rel=1e-4), by_tenant
+
+    # The tenant's own view: its two requests and nothing of other tenants'.
+    mine = (await http.get("/usage", headers=bearer(plaintext))).json()
+    completion = raw.parse().usage
+    assert mine["tenant"] == "billing-co" and mine["requests"] == 2
+    assert mine["prompt_tokens"] == r.json()["usage"]["prompt_tokens"] + completion.prompt_tokens
+    assert mine["completion_tokens"] == (
+        r.json()["usage"]["completion_tokens"] + completion.completion_tokens
+    )
+    assert mine["cost_usd"] == pytest.approx(spent, rel=1e-4)
+    bad = await http.get("/usage", params={"window": "1y"}, headers=bearer(plaintext))
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "window"]
 
 
 async def test_request_ids_are_random_and_belong_to_their_key(
