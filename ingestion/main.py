@@ -274,16 +274,6 @@ async def serve(
         raise kafka.KafkaLost(f"the broker lost {settings.ingest_topic}")
 
 
-async def serve_reconnecting(settings: Settings, embedder: Embedder, store: VectorStore) -> None:
-    """`serve`, again with fresh clients whenever the broker lost its state."""
-    while True:
-        try:
-            await serve(settings, embedder, store)
-            return
-        except kafka.KafkaLost as e:
-            log.warning("Kafka lost (%s): reconnecting from scratch", e)
-
-
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -292,7 +282,7 @@ def main() -> None:
     embedder = Embedder.load(settings)
     store = open_store(settings, embedder.dim)
     try:
-        asyncio.run(serve_reconnecting(settings, embedder, store))
+        asyncio.run(kafka.reconnecting(lambda: serve(settings, embedder, store)))
     finally:
         store.close()
 

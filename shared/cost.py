@@ -69,13 +69,18 @@ class MonthlyProjection(BaseModel):
     per_1k_requests_at_full_utilization_usd: float | None
 
 
-class CostReport(BaseModel):
+class WindowTotals(BaseModel):
+    """A window of the ledger and the requests and tokens in it."""
+
     window_s: float
     start: float
     end: float
     requests: int
     prompt_tokens: int
     completion_tokens: int
+
+
+class CostReport(WindowTotals):
     worker_hours: float
     engine_busy_hours: float
     utilization: float | None
@@ -95,17 +100,11 @@ class CostReport(BaseModel):
     recommendations: list[Recommendation]
 
 
-class TenantUsage(BaseModel):
+class TenantUsage(WindowTotals):
     """One tenant's own requests and the engine time they used (`GET /usage`), without the
     fleet's figures: those include other tenants' traffic."""
 
     tenant: str
-    window_s: float
-    start: float
-    end: float
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
     cost_usd: float  # attributed: its token share of engine time
     per_1k_requests_usd: float | None
 

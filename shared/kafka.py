@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -80,6 +80,17 @@ def rewound(consumer: AIOKafkaConsumer, seen: dict[TopicPartition, int]) -> list
         for tp, nxt in seen.items()
         if tp in mine and (end := consumer.highwater(tp)) is not None and end < nxt
     ]
+
+
+async def reconnecting(serve: Callable[[], Awaitable[None]]) -> None:
+    """Run `serve` (a consumer process's Kafka session), again with fresh clients each time it
+    ends with KafkaLost."""
+    while True:
+        try:
+            await serve()
+            return
+        except KafkaLost as e:
+            log.warning("Kafka lost (%s): reconnecting from scratch", e)
 
 
 async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

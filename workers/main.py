@@ -431,13 +431,8 @@ def main() -> None:
     async def run() -> None:
         engine = engines.start(settings)
         try:
-            while True:
-                try:
-                    await serve(settings, engine)
-                    return
-                except KafkaLost:
-                    # Fresh clients, topics ensured again; the engine stays loaded.
-                    log.warning("reconnecting to Kafka from scratch")
+            # Fresh Kafka clients, topics ensured again; the engine stays loaded.
+            await kafka.reconnecting(lambda: serve(settings, engine))
         finally:
             await engine.shutdown()
 
