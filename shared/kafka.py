@@ -184,17 +184,33 @@ async def dead_letter(
 ) -> None:
     """Park a message that can never be processed on `dlq_topic`, unchanged, with where it came
     from and why in headers, so that it is neither lost nor retried forever."""
-    log.warning(
-        "dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, reason
-    )
+    await dead_letter_value(
+        producer, dlq_topic, record.key, record.value, reason,
+        record.topic, record.partition, record.offset,
+    )  # fmt: skip
+
+
+async def dead_letter_value(
+    producer: AIOKafkaProducer,
+    dlq_topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+) -> None:
+    """`dead_letter` for a message known by its parts (e.g. a request taken over from a dead
+    worker, whose record this worker never read)."""
+    log.warning("dead-lettering %s/%d@%d: %s", topic, partition, offset, reason)
     headers = [
         ("sluice.dlq.reason", reason.encode()),
-        ("sluice.dlq.topic", record.topic.encode()),
-        ("sluice.dlq.partition", str(record.partition).encode()),
-        ("sluice.dlq.offset", str(record.offset).encode()),
+        ("sluice.dlq.topic", topic.encode()),
+        ("sluice.dlq.partition", str(partition).encode()),
+        ("sluice.dlq.offset", str(offset).encode()),
     ]
-    await producer.send_and_wait(dlq_topic, value=record.value, key=record.key, headers=headers)
-    metrics.DEAD_LETTERED.labels(record.topic).inc()
+    await producer.send_and_wait(dlq_topic, value=value, key=key, headers=headers)
+    metrics.DEAD_LETTERED.labels(topic).inc()
 
 
 async def report_lag(consumer: AIOKafkaConsumer, group: str, interval_s: float = 1.0) -> None:

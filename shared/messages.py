@@ -8,11 +8,21 @@
 - `BatchResult`: what a worker writes to `sluice.batch.results` for a request that came from
   `sluice.batch.requests` (keyed by request id).
 
-Fields added within a version are optional. Readers reject unknown fields, so when one is
-added, upgrade the readers (workers for requests, the API for stream events) before the writers.
+How the wire evolves (docs/ARCHITECTURE.md, "Evolving the wire"), so that a rolling update
+never has an old reader dead-letter a new writer's message:
+- Within a version every added field is optional, with a default that keeps the old meaning.
+- Readers ignore fields they do not know, at every level: an informational addition passes
+  old readers unchanged, whichever side is upgraded first.
+- A field that changes what the answer must be (structured output, penalties, n > 1) is
+  sent together with its feature's name in `requires`; a reader that does not know a
+  required feature refuses the message naming it (the worker dead-letters it and the client
+  gets an error) instead of silently answering something else. Upgrade readers (workers)
+  first, then let writers (the API) use the feature.
+- A change that cannot be made additive is a new version `v`; readers accept both versions
+  for one release before writers switch. A reader refuses versions it does not know.
 
-Every message carries `v`, the schema version. A consumer rejects versions it does not know
-(the worker sends such requests to the dead-letter topic) instead of guessing.
+HTTP bodies and batch lines are written by people: there a typo must be an error, so those
+models forbid unknown fields themselves (`StrictChatMessage`, api/schemas.py).
 """
 
 from __future__ import annotations
@@ -27,16 +37,26 @@ SCHEMA_VERSION = 1
 FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Features a GenerationRequest may require that this code honours (see the module docstring).
+KNOWN_FEATURES: frozenset[str] = frozenset()
 
 
-class ChatMessage(_Strict):
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # tolerated additions: the evolution rule
+
+
+class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class SamplingOptions(_Strict):
+class StrictChatMessage(ChatMessage):
+    """A chat message in a body a person wrote: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingOptions(_Wire):
     """OpenAI's sampling fields; ranges as OpenAI documents them."""
 
     max_tokens: int = Field(..., gt=0)
@@ -48,7 +68,7 @@ class SamplingOptions(_Strict):
     ignore_eos: bool = False
 
 
-class PromptInput(_Strict):
+class PromptInput(_Wire):
     """Exactly one of `prompt` (raw text) or `messages` (rendered with the chat template)."""
 
     prompt: str | None = Field(None, min_length=1)
@@ -83,9 +103,19 @@ class GenerationRequest(PromptInput):
     tenant: str | None = Field(None, max_length=128)
     # Batch submitters' own id for the request, echoed in its BatchResult.
     correlation: str | None = Field(None, max_length=256)
+    # Features this request needs its worker to honour (KNOWN_FEATURES); see the module doc.
+    requires: list[str] = Field(default_factory=list)
+
+    @field_validator("requires")
+    @classmethod
+    def _known_features(cls, requires: list[str]) -> list[str]:
+        unknown = sorted(set(requires) - KNOWN_FEATURES)
+        if unknown:
+            raise ValueError(f"needs features this worker does not have: {', '.join(unknown)}")
+        return requires
 
 
-class Token(_Strict):
+class Token(_Wire):
     index: int = Field(..., ge=0)
     text: str
     # Characters of the completion before this token's text. A request redelivered after a
@@ -94,18 +124,18 @@ class Token(_Strict):
     offset: int | None = None
 
 
-class Usage(_Strict):
+class Usage(_Wire):
     prompt_tokens: int
     completion_tokens: int
 
 
-class Timings(_Strict):
+class Timings(_Wire):
     queue_ms: float
     ttft_ms: float
     e2e_ms: float
 
 
-class TokensEvent(_Strict):
+class TokensEvent(_Wire):
     """One or more consecutive tokens; workers coalesce deltas to spare Redis round trips."""
 
     v: Literal[1] = SCHEMA_VERSION
@@ -116,7 +146,7 @@ class TokensEvent(_Strict):
     published_at: float | None = None
 
 
-class DoneEvent(_Strict):
+class DoneEvent(_Wire):
     v: Literal[1] = SCHEMA_VERSION
     type: Literal["done"] = "done"
     request_id: str
@@ -128,7 +158,7 @@ class DoneEvent(_Strict):
     cost_usd: float | None = None
 
 
-class ErrorEvent(_Strict):
+class ErrorEvent(_Wire):
     v: Literal[1] = SCHEMA_VERSION
     type: Literal["error"] = "error"
     request_id: str
@@ -139,13 +169,13 @@ StreamEvent = Annotated[TokensEvent | DoneEvent | ErrorEvent, Field(discriminato
 stream_event_adapter: TypeAdapter[TokensEvent | DoneEvent | ErrorEvent] = TypeAdapter(StreamEvent)
 
 
-class Cancel(_Strict):
+class Cancel(_Wire):
     v: Literal[1] = SCHEMA_VERSION
     request_id: str
     reason: Literal["client_disconnected", "cancelled"] = "cancelled"
 
 
-class BatchResult(_Strict):
+class BatchResult(_Wire):
     """The outcome of one batch request: its text, or the error that stopped it."""
 
     v: Literal[1] = SCHEMA_VERSION
@@ -159,7 +189,7 @@ class BatchResult(_Strict):
     finished_at: float
 
 
-class Heartbeat(_Strict):
+class Heartbeat(_Wire):
     v: Literal[1] = SCHEMA_VERSION
     worker_id: str
     engine: str
@@ -183,7 +213,7 @@ DOC_ID_MAX = 200
 MetadataValue = str | int | float | bool
 
 
-class IngestDocument(_Strict):
+class IngestDocument(_Wire):
     """Add or replace a document (`upsert`), or remove all of its chunks (`delete`).
 
     Text types carry `text`; PDFs carry their bytes base64-encoded in `data_b64`.

@@ -65,6 +65,16 @@ DEAD_LETTERED = Counter(
     "sluice_dead_lettered", "Messages moved to the dead-letter topic", ["topic"]
 )
 IN_FLIGHT = Gauge("sluice_worker_in_flight", "Requests this worker is serving")
+TAKEOVERS = Counter(
+    "sluice_request_takeovers",
+    "Requests this worker continued after their worker died or handed them over",
+    ["feed"],
+)
+REDELIVERED = Counter(
+    "sluice_redeliveries_not_rerun",
+    "Redelivered records whose request was already running or done elsewhere",
+    ["state"],
+)
 # From the consumer's own fetch responses (highwater) and position, not from ListOffsets: that
 # is right on the dev broker too, where ListOffsets(latest) is not (../shared/STACK.md).
 KAFKA_LAG = Gauge(

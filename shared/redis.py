@@ -26,22 +26,21 @@ def connect(settings: Settings) -> Redis:
 
 
 async def write_heartbeat(redis: Redis, settings: Settings, beat: Heartbeat) -> None:
-    # The TTL does the liveness work: a worker that dies simply stops renewing its key.
-    ttl_ms = int(settings.heartbeat_ttl_s * 1000)
-    await redis.set(settings.heartbeat_key(beat.worker_id), beat.model_dump_json(), px=ttl_ms)
+    # One hash for all workers: readers get every beat in one HGETALL, no SCAN. A dead
+    # worker's entry goes stale (its `ts` stops moving); whoever takes its requests over
+    # removes it (workers/ownership.py).
+    await redis.hset(settings.heartbeats_key, beat.worker_id, beat.model_dump_json())
 
 
 async def delete_heartbeat(redis: Redis, settings: Settings, worker_id: str) -> None:
-    await redis.delete(settings.heartbeat_key(worker_id))
+    await redis.hdel(settings.heartbeats_key, worker_id)
 
 
 async def live_workers(redis: Redis, settings: Settings) -> list[Heartbeat]:
-    """Workers whose heartbeat key exists and whose last beat is within the TTL."""
-    keys = [k async for k in redis.scan_iter(match=settings.heartbeat_key("*"), count=100)]
-    if not keys:
-        return []
+    """Workers whose last beat is within the TTL."""
     now = time.time()
-    beats = [Heartbeat.model_validate_json(raw) for raw in await redis.mget(keys) if raw]
+    raws = (await redis.hgetall(settings.heartbeats_key)).values()
+    beats = [Heartbeat.model_validate_json(raw) for raw in raws]
     return [b for b in beats if now - b.ts <= settings.heartbeat_ttl_s]
 
 

@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     stream_interval_ms: int = Field(20, ge=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     heartbeat_ttl_s: float = Field(5.0, gt=0)
+    # A worker whose last heartbeat is this old is taken for dead: live workers continue its
+    # requests (workers/ownership.py). About two missed beats; a slow worker wrongly taken
+    # for dead is fenced off by the request's epoch, not trusted.
+    worker_dead_after_s: float = Field(2.0, gt=0)
+    # Engines that may die while running one request before it is parked on the dead-letter
+    # topic as a poison pill.
+    max_attempts: int = Field(2, ge=1)
+    # Tests only: a prompt containing this string kills the worker's engine process (a real
+    # engine death, for the poison-pill test). Never set it in production.
+    fault_kill_engine_on: str | None = None
     worker_metrics_port: int = Field(9101, ge=0)
     # On SIGTERM a worker stops polling and gives in-flight requests this long to finish; the
     # rest stay uncommitted and are redelivered. Keep below Kubernetes' grace period.
@@ -176,5 +186,7 @@ class Settings(BaseSettings):
     def stream_channel(self, request_id: str) -> str:
         return f"{self.redis_prefix}:stream:{request_id}"
 
-    def heartbeat_key(self, worker_id: str) -> str:
-        return f"{self.redis_prefix}:worker:{worker_id}"
+    @property
+    def heartbeats_key(self) -> str:
+        """One hash, worker id -> its last Heartbeat: liveness without a keyspace scan."""
+        return f"{self.redis_prefix}:workers"

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from shared.messages import GenerationRequest
-from workers.engines.base import Delta, RequestRejected
+from workers.engines.base import Delta, EngineDead, RequestRejected
 
 
 class FakeEngine:
@@ -28,25 +28,35 @@ class FakeEngine:
         self.completed: list[str] = []  # ... and in the order they ran to the end
         self.priorities: dict[str, int] = {}
         self.aborted: list[str] = []
+        self.restarts = 0
+        self.resumed: dict[str, list[int]] = {}  # request id -> the ids it was resumed after
 
-    async def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]:
+    async def generate(
+        self, request: GenerationRequest, priority: int = 0, resume: list[int] | None = None
+    ) -> AsyncIterator[Delta]:
         if request.prompt == "reject me":
             raise RequestRejected("prompt refused by the fake engine")
+        if request.prompt == "kill the engine":
+            self.generated.append(request.request_id)
+            raise EngineDead("the fake engine died on this prompt")
         self.generated.append(request.request_id)
+        self.resumed[request.request_id] = list(resume or [])
         self.priorities[request.request_id] = priority
         self.running.add(request.request_id)
         self.started.set()
         self.busy_since = self.busy_since or time.monotonic()
         self.max_running = max(self.max_running, len(self.running))
         try:
+            # Token i is id i and text "t{i} ", so a continuation is easy to check.
             n = request.sampling.max_tokens
-            for i in range(n):
+            for i in range(len(resume or []), n):
                 await asyncio.sleep(self.token_delay_s)
                 yield Delta(
                     text=f"t{i} ",
                     num_tokens=1,
                     prompt_tokens=3,
                     finish_reason="length" if i == n - 1 else None,
+                    token_ids=(i,),
                 )
             self.completed.append(request.request_id)
         finally:
@@ -59,6 +69,9 @@ class FakeEngine:
 
     def num_running(self) -> int:
         return len(self.running)
+
+    async def restart(self) -> None:
+        self.restarts += 1
 
     async def shutdown(self) -> None:
         pass

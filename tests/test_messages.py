@@ -29,7 +29,7 @@ def test_request_round_trips_with_its_version() -> None:
         request(v=2),
         request(prompt=None),
         request(messages=[]),
-        request(extra=1),
+        request(requires=["structured_output"]),
         request(sampling={"max_tokens": 0}),
         request(request_id=""),
     ],
@@ -56,3 +56,39 @@ def test_body_stop_accepts_a_string_like_openai() -> None:
     body = GenerateBody(prompt="x", stop="\n")
     assert body.sampling(16).stop == ["\n"]
     assert body.sampling(16).max_tokens == 16
+
+
+# The evolution rule (shared/messages.py, docs/ARCHITECTURE.md): old and new sides of a
+# rolling update read each other's messages.
+V1_REQUEST_BEFORE_ISSUE_14 = (
+    '{"v":1,"request_id":"9f","prompt":"Hi","messages":null,"sampling":{"max_tokens":8,'
+    '"temperature":0.0,"top_p":1.0,"stop":[],"seed":null,"ignore_eos":false},'
+    '"enqueued_at":1795900000.1,"deadline":null,"tenant":null,"correlation":null}'
+)
+
+
+def test_a_new_reader_reads_what_an_old_writer_wrote() -> None:
+    msg = GenerationRequest.model_validate_json(V1_REQUEST_BEFORE_ISSUE_14)
+    assert msg.requires == [] and msg.sampling.max_tokens == 8
+
+
+def test_an_old_reader_ignores_informational_additions_at_every_level() -> None:
+    newer = request(traceparent="00-abc-def-01", sampling={"max_tokens": 4, "logit_bias": {}})
+    msg = GenerationRequest.model_validate(newer)
+    assert msg.sampling.max_tokens == 4
+    event = stream_event_adapter.validate_python(
+        {"type": "tokens", "tokens": [{"index": 0, "text": "a", "logprob": -0.1}], "worker": "w"}
+    )
+    assert isinstance(event, TokensEvent) and event.tokens[0].text == "a"
+
+
+def test_a_feature_that_changes_the_answer_is_refused_by_name_not_ignored() -> None:
+    with pytest.raises(ValidationError, match="does not have: structured_output"):
+        GenerationRequest.model_validate(request(requires=["structured_output"]))
+
+
+def test_bodies_people_write_still_refuse_unknown_fields() -> None:
+    with pytest.raises(ValidationError):
+        GenerateBody.model_validate({"prompt": "hi", "max_token": 4})
+    with pytest.raises(ValidationError):
+        GenerateBody.model_validate({"messages": [{"role": "user", "content": "x", "nme": 1}]})

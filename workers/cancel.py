@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import ValidationError
@@ -24,6 +24,7 @@ from shared import redis as sredis
 from shared.messages import Cancel, GenerationRequest
 from shared.settings import Settings
 from workers.feed import Feed
+from workers.ownership import Claim
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,25 @@ StopReason = Literal["abort", "timeout"]
 
 @dataclass(eq=False)
 class Running:
-    request: GenerationRequest
+    claim: Claim
     feed: Feed
     stop_reason: StopReason | None = None
     interrupted: bool = False  # the generation was cut short by stop() or the deadline
+    fenced: bool = False  # another worker took it over: stop without finishing it
+    in_engine: bool = False  # inside the engine (charged if the engine dies)
+    ids: list[int] = field(default_factory=list)  # the completion's token ids so far
     _timeout: asyncio.Timeout | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = list(self.claim.emitted)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.claim.request
+
+    def fence(self) -> None:
+        self.fenced = True
+        self._interrupt()
 
     @property
     def expired(self) -> bool:
@@ -46,6 +61,9 @@ class Running:
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+        self._interrupt()
+
+    def _interrupt(self) -> None:
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(asyncio.get_running_loop().time())
 
@@ -55,7 +73,7 @@ class Running:
         raise TimeoutError with `interrupted` set."""
         loop = asyncio.get_running_loop()
         when = None
-        if self.stop_reason is not None:
+        if self.stop_reason is not None or self.fenced:
             when = loop.time()
         elif self.request.deadline is not None:
             when = loop.time() + self.request.deadline - time.time()

@@ -52,6 +52,10 @@ class CostMeter:
         self._tokens.clear()
         self._carried = 0.0
 
+    def spent(self, rid: str) -> float:
+        """Engine seconds attributed to a running request so far."""
+        return self._seconds.get(rid, 0.0)
+
     def finish(self, rid: str, tenant: str = "default") -> tuple[float, float]:
         """(engine seconds, dollars) of a finished request; also exported as metrics."""
         self.tick()

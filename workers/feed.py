@@ -35,6 +35,8 @@ class Feed:
     priority: int  # passed to the engine: lower is scheduled sooner
     offsets: OffsetTracker = field(default_factory=OffsetTracker)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Records of requests another worker runs: committed once those are done (not in flight)
+    watching: set[asyncio.Task[None]] = field(default_factory=set)
     # Kept across rebalances (unlike `offsets`): per partition, one past the highest offset
     # this worker took, and the highest it committed. A log or a group's offsets found behind
     # these mean the broker lost them.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -44,6 +45,7 @@ from workers.cost import CostMeter
 from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.feed import Feed
 from workers.gpu import register_gpu_metrics
+from workers.ownership import Claim, Owners
 from workers.publisher import Publisher
 from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
@@ -52,6 +54,8 @@ from workers.utilization import sample_utilization
 log = logging.getLogger("sluice.worker")
 
 INTERACTIVE, BATCH = 0, 1  # engine priorities: lower is scheduled sooner
+TAKEOVER_INTERVAL_S = 0.25  # how often to look for dead workers' requests (one HGETALL)
+WATCH_INTERVAL_S = 0.5  # how often to look whether a request run elsewhere is done
 BATCH_POLL_INTERVAL_MS = 3_600_000
 CLOSE_TIMEOUT_S = 10.0
 
@@ -71,7 +75,8 @@ class Worker:
         self.engine = engine
         self.redis = redis
         self.producer = producer
-        self.publisher = Publisher(redis, settings)
+        self.owners = Owners(redis, settings)
+        self.publisher = Publisher(redis, settings, self.owners, self._fenced)
         self.cost = CostMeter(settings, engine.model)
         self.ledger = Ledger(redis, settings)
         s = settings
@@ -89,10 +94,13 @@ class Worker:
             )  # fmt: skip
         self.feeds = [f for f in (self.interactive, self.batch) if f is not None]
         self.held: dict[str, Running] = {}  # request id -> the request being served
+        self._reclaiming: set[str] = set()
+        self._suspects = asyncio.Semaphore(1)  # requests an engine died with run one at a time
         self.stopping = stopping or asyncio.Event()
         self._freed = asyncio.Event()
         self._interactive_at = -math.inf  # monotonic time the last interactive request came
         self._fatal: BaseException | None = None
+        self._recovery: asyncio.Task[None] | None = None  # set while the engine restarts
         self._lost: KafkaLost | None = None
 
     @property
@@ -102,9 +110,13 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # Requests an earlier life of this worker id still owns (an engine restart, a pod
+        # restarted under the same name) are not running here: let them be taken over.
+        await self.owners.release(await self.owners.mine())
         background = [
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._take_over()),
             asyncio.create_task(sample_utilization(self.engine, self.cost)),
             asyncio.create_task(record_usage(self.ledger)),
             asyncio.create_task(
@@ -116,7 +128,7 @@ class Worker:
             ),
         ]
         try:
-            while not self.stopping.is_set() and self._lost is None:
+            while not self.stopping.is_set() and self._lost is None and self._fatal is None:
                 await self._poll_once()
                 try:
                     await self.commit()
@@ -129,8 +141,14 @@ class Worker:
                 log.error("Kafka lost (%s): finishing what runs, then reconnecting", self._lost)
             await self._drain()
         finally:
+            if self._recovery is not None:
+                self._recovery.cancel()
+                background.append(self._recovery)
             for task in background:
                 task.cancel()
+            # None of them may outlive the worker (they would act for it).
+            await asyncio.wait(background, timeout=CLOSE_TIMEOUT_S)
+            await self._hand_over()
             try:
                 await self.ledger.flush()
             except Exception as e:
@@ -150,7 +168,7 @@ class Worker:
     async def _poll_once(self) -> None:
         s = self.settings
         room = s.max_in_flight - self.in_flight
-        if room <= 0:
+        if room <= 0 or self._recovery is not None:
             await self._wait_for_room()
             return
         if self.interactive is None:  # a batch-only worker: batch work is all there is
@@ -204,31 +222,125 @@ class Worker:
         metrics.KAFKA_QUEUE_TIME.labels(record.topic).observe(
             max(0.0, time.time() - request.enqueued_at)
         )
+        rid = request.request_id
+        state, owner = await self.owners.claim_new(
+            request, feed.name, tp.topic, tp.partition, record.offset
+        )
+        if state != "new":
+            # Redelivered (a rebalance, or its worker died and another continued it): it runs,
+            # or ran, elsewhere. Commit it once it is done, never run a second copy.
+            log.info("%s is %s under %s: not running it again", rid, state, owner)
+            metrics.REDELIVERED.labels(state).inc()
+            self._watch(feed, tp, record.offset, rid)
+            return
+        self._start(Claim(request, 1, feed.name, tp.topic, tp.partition, record.offset), feed, tp)
+
+    def _start(self, claim: Claim, feed: Feed, tp: TopicPartition | None) -> None:
+        """Serve a request this worker owns; `tp` is None for one taken over from another
+        worker (its Kafka record is that partition's new owner's to commit)."""
         # Held before anything can await, so a Cancel from now on finds it.
-        running = Running(request, feed)
-        self.held[request.request_id] = running
-        task = asyncio.create_task(self._serve(running, record))
+        running = Running(claim, feed)
+        self.held[claim.request.request_id] = running
+        task = asyncio.create_task(self._serve(running))
         feed.tasks.add(task)
-        task.add_done_callback(lambda t: self._finished(t, running, tp, record.offset))
+        task.add_done_callback(lambda t: self._finished(t, running, tp))
 
     def _finished(
-        self, task: asyncio.Task[None], running: Running, tp: TopicPartition, offset: int
+        self, task: asyncio.Task[None], running: Running, tp: TopicPartition | None
     ) -> None:
-        feed = running.feed
+        feed, claim = running.feed, running.claim
         feed.tasks.discard(task)
-        if self.held.get(running.request.request_id) is running:
-            del self.held[running.request.request_id]
         self._freed.set()
-        if task.cancelled():
-            return  # not finished: leave the offset uncommitted so the request is redelivered
-        exc = task.exception()
-        if isinstance(exc, EngineDead):
-            self._fatal = exc
-            self.stopping.set()
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, EngineDead):  # still held: _recover charges and releases it
+            if self._recovery is None:
+                self._recovery = asyncio.create_task(self._recover(exc))
             return
+        if self.held.get(claim.request.request_id) is running:
+            del self.held[claim.request.request_id]
+        if task.cancelled():
+            return  # not finished: handed over (see _hand_over), or redelivered
         if exc is not None:
-            log.error("request at %s@%d failed outside the engine: %r", tp, offset, exc)
-        feed.offsets.finished(tp, offset)
+            log.error("request %s failed outside the engine: %r", claim.request.request_id, exc)
+        if tp is None:
+            return
+        if running.fenced:  # now another worker's: commit once that one is done
+            self._watch(feed, tp, claim.offset, claim.request.request_id)
+        else:
+            feed.offsets.finished(tp, claim.offset)
+
+    def _watch(self, feed: Feed, tp: TopicPartition, offset: int, rid: str) -> None:
+        async def watch() -> None:
+            while True:
+                try:
+                    if await self.owners.watch_state(rid) != "running":
+                        break
+                except RedisError as e:
+                    log.warning("state of %s unknown for now: %s", rid, e)
+                await asyncio.sleep(WATCH_INTERVAL_S)
+            feed.offsets.finished(tp, offset)
+
+        task = asyncio.create_task(watch())
+        feed.watching.add(task)
+        task.add_done_callback(feed.watching.discard)
+
+    def _fenced(self, request_id: str, lost: bool) -> None:
+        """Another worker took this request over (this one was taken for dead): stop it. Or
+        Redis lost its record (`lost`): write it again, the publisher retries meanwhile."""
+        running = self.held.get(request_id)
+        if running is None:
+            return
+        if not lost:
+            running.fence()
+        elif request_id not in self._reclaiming:
+            self._reclaiming.add(request_id)
+            task = asyncio.create_task(self.owners.reclaim(running.claim, running.ids))
+            task.add_done_callback(lambda _: self._reclaiming.discard(request_id))
+
+    async def _take_over(self) -> None:
+        """Until cancelled: continue the requests of dead workers (and of those that handed
+        theirs over) while this worker has room."""
+        feeds = [f.name for f in self.feeds]
+        by_name = {f.name: f for f in self.feeds}
+        while True:
+            await asyncio.sleep(TAKEOVER_INTERVAL_S)
+            try:
+                if moved := await self.owners.reap():
+                    log.warning("a worker died: %d of its requests to continue", moved)
+                room = self.settings.max_in_flight - self.in_flight
+                if self._recovery is not None:
+                    room = 0
+                for rid in await self.owners.orphans(room) if room > 0 else []:
+                    claim = await self.owners.claim_orphan(rid, feeds)
+                    if claim is not None:
+                        await self._continue(claim, by_name[claim.feed])
+            except RedisError as e:
+                log.warning("takeover round failed: %s", e)
+
+    async def _continue(self, claim: Claim, feed: Feed) -> None:
+        rid = claim.request.request_id
+        metrics.TAKEOVERS.labels(feed.name).inc()
+        if reason := self.owners.parked_reason(claim):
+            await self._park(claim, feed, reason)
+            return
+        if not _resumable(claim, feed):
+            await self.owners.restart_from_scratch(rid)
+            claim.emitted, claim.chars = [], 0
+        log.info(
+            "continuing %s after %d published tokens (takeover %d)",
+            rid, len(claim.emitted), claim.takeovers,
+        )  # fmt: skip
+        self._start(claim, feed, None)
+
+    async def _park(self, claim: Claim, feed: Feed, reason: str) -> None:
+        """A poison pill: to the dead-letter topic with the reason, and an error to its client."""
+        request = claim.request
+        await kafka.dead_letter_value(
+            self.producer, feed.dlq_topic, request.request_id.encode(),
+            request.model_dump_json().encode(), reason, claim.topic, claim.partition, claim.offset,
+        )  # fmt: skip
+        running = Running(claim, feed)
+        await self._sink(running).failed(reason)
 
     def cancel(self, request_id: str) -> None:
         """A Cancel arrived; every worker hears it, the one holding the request stops it."""
@@ -243,21 +355,57 @@ class Worker:
 
     async def _drain(self) -> None:
         """Graceful stop: no new polls; let in-flight requests finish, then commit them (not
-        when Kafka is lost: they may come again, at least once)."""
+        when Kafka is lost: they may come again, at least once). What is still running at the
+        drain bound is handed over to other workers (_hand_over), not dropped."""
         tasks = [t for feed in self.feeds for t in feed.tasks]
         if tasks and self._fatal is None:
             log.info("draining %d in-flight requests", len(tasks))
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
-        for task in tasks:
-            task.cancel()
+        for feed in self.feeds:
+            for task in feed.watching:
+                task.cancel()
         if self._fatal is None and self._lost is None:
             await self.commit()
 
+    async def _recover(self, exc: EngineDead) -> None:
+        """The engine died: charge the requests that were inside it an attempt, hand every
+        request over to live workers, and start a new engine in place. The worker stays in
+        its consumer group meanwhile, taking nothing (its records wait, or go to others)."""
+        log.error("the engine died (%s): handing requests over, starting a new engine", exc)
+        died = [r.request.request_id for r in self.held.values() if r.in_engine]
+        with contextlib.suppress(RedisError):
+            await self.owners.engine_died(died)
+        await self._hand_over()
+        self.held.clear()
+        try:
+            await self.engine.restart()
+            log.info("a new engine is serving")
+        except Exception as e:  # no engine: exit, the orchestrator restarts the worker
+            self._fatal = e
+        self._recovery = None
+        self._freed.set()
+
+    async def _hand_over(self) -> None:
+        """Stop what still runs and let live workers continue it from what was published."""
+        unfinished = list(self.held.values())
+        tasks = [t for feed in self.feeds for t in feed.tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not unfinished:
+            return
+        try:
+            await self.publisher.flush()  # what was generated is what the next worker keeps
+            await self.owners.release([r.request.request_id for r in unfinished])
+            log.warning("handed %d unfinished requests over to other workers", len(unfinished))
+        except RedisError as e:  # they are found anyway: their owner has no heartbeat
+            log.error("handing requests over failed: %s", e)
+
     # -- one request ------------------------------------------------------------------------
 
-    async def _serve(self, running: Running, record: ConsumerRecord) -> None:
+    async def _serve(self, running: Running) -> None:
         request = running.request
-        sink = self._sink(running, record)
+        sink = self._sink(running)
         picked_at = time.time()
         try:
             refused = await self._refused(running)
@@ -267,19 +415,30 @@ class Worker:
                     done_event(request, Progress(finish_reason=refused), picked_at, 0.0)
                 )
                 return
-            await self._generate(running, sink, record.topic, picked_at)
+            async with self._suspects if running.claim.suspect else contextlib.nullcontext():
+                await self._generate(running, sink, picked_at)
         finally:
             self.cost.discard(request.request_id)  # a no-op unless it was cancelled
 
-    def _sink(self, running: Running, record: ConsumerRecord) -> Sink:
-        request = running.request
+    def _sink(self, running: Running) -> Sink:
+        claim = running.claim
+        rid = claim.request.request_id
         if running.feed.batch:
-            return BatchSink(self.producer, self.settings.batch_results_topic, request)
+            return BatchSink(
+                self.producer,
+                self.settings.batch_results_topic,
+                claim.request,
+                lambda: self.owners.finish_quietly(rid, claim.epoch),
+            )
 
         async def dead_letter(reason: str) -> None:
-            await kafka.dead_letter(self.producer, running.feed.dlq_topic, record, reason)
+            await kafka.dead_letter_value(
+                self.producer, running.feed.dlq_topic, rid.encode(),
+                claim.request.model_dump_json().encode(), reason, claim.topic, claim.partition,
+                claim.offset,
+            )  # fmt: skip
 
-        return StreamSink(self.publisher, request.request_id, dead_letter)
+        return StreamSink(self.publisher, rid, claim.epoch, dead_letter, claim.chars)
 
     async def _refused(self, running: Running) -> StopReason | None:
         """Why a request must not start: nobody waits for it any more."""
@@ -293,10 +452,10 @@ class Worker:
                 log.warning("cancel check failed: %s", e)
         return running.stop_reason
 
-    async def _generate(self, running: Running, sink: Sink, topic: str, picked_at: float) -> None:
+    async def _generate(self, running: Running, sink: Sink, picked_at: float) -> None:
         request = running.request
         rid, tenant = request.request_id, request.tenant or "default"
-        progress = Progress()
+        progress = Progress(completion_tokens=len(running.claim.emitted))
         self.cost.start(rid)
         try:
             await self._stream(running, sink, progress)
@@ -311,36 +470,50 @@ class Worker:
             self.cost.finish(rid, tenant)
             await sink.failed(str(e))
             return
-        seconds, dollars = self.cost.finish(rid, tenant)
-        add_request(
-            self.ledger,
-            topic=topic,
-            tenant=tenant,
-            prompt_tokens=progress.prompt_tokens,
-            completion_tokens=progress.completion_tokens,
-            seconds=seconds,
-            dollars=dollars,
-        )
-        # Only once the outcome is stored does the request count as finished in Kafka.
-        await sink.done(done_event(request, progress, picked_at, dollars))
+        seconds, _ = self.cost.finish(rid, tenant)
+        if running.fenced:
+            return  # its new owner finishes (and bills) it
+        # Earlier owners' engine time counts too: a migrated request costs what all spent.
+        seconds += running.claim.seconds
+        dollars = seconds * self.cost.dollars_per_second
+        # Only once the outcome is stored does the request count as finished in Kafka; only
+        # the one owner whose done event went out bills it.
+        if await sink.done(done_event(request, progress, picked_at, dollars)):
+            add_request(
+                self.ledger,
+                topic=running.claim.topic,
+                tenant=tenant,
+                prompt_tokens=progress.prompt_tokens,
+                completion_tokens=progress.completion_tokens,
+                seconds=seconds,
+                dollars=dollars,
+            )
 
     async def _stream(self, running: Running, sink: Sink, p: Progress) -> None:
         """Relay the engine's deltas to the sink until the request ends or is stopped."""
         rid = running.request.request_id
+        resume = running.claim.emitted
+        reported = 0.0  # engine seconds already passed on with published tokens
         try:
             async with running.stoppable():
-                stream = self.engine.generate(running.request, priority=running.feed.priority)
+                running.in_engine = True
+                stream = self.engine.generate(
+                    running.request, priority=running.feed.priority, resume=resume
+                )
                 async for delta in stream:
                     p.prompt_tokens = delta.prompt_tokens
                     p.finish_reason = delta.finish_reason or p.finish_reason
                     if delta.num_tokens == 0:
                         continue
                     # The prompt's tokens count once, with the first token (it was prefilled).
-                    prefilled = p.prompt_tokens if p.first_token_at is None else 0
+                    prefilled = p.prompt_tokens + len(resume) if p.first_token_at is None else 0
                     self.cost.tokens(rid, delta.num_tokens + prefilled)
                     if p.first_token_at is None:
                         p.first_token_at = time.time()
-                    sink.tokens(p.completion_tokens, delta.num_tokens, delta.text)
+                    spent = self.cost.spent(rid)
+                    sink.tokens(p.completion_tokens, delta.text, delta.token_ids, spent - reported)
+                    running.ids.extend(delta.token_ids)
+                    reported = spent
                     p.completion_tokens += delta.num_tokens
         except TimeoutError:
             if not running.interrupted:
@@ -348,6 +521,12 @@ class Worker:
             p.finish_reason = running.finish_reason
             # Closing the stream already aborts it in vLLM; this makes sure for any engine.
             await self.engine.abort(rid)
+        except EngineDead:
+            raise  # in_engine stays set: the request is charged an attempt (_hand_over)
+        except BaseException:
+            running.in_engine = False
+            raise
+        running.in_engine = False
 
     async def _heartbeat(self) -> None:
         interactive = self.interactive is not None
@@ -367,6 +546,14 @@ class Worker:
                 log.warning("heartbeat failed: %s", e)
             metrics.IN_FLIGHT.set(self.in_flight)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+
+def _resumable(claim: Claim, feed: Feed) -> bool:
+    """Whether a taken-over request can continue from its published token ids. Batch requests
+    publish nothing and re-run; with stop strings vLLM holds back text that may begin one, so
+    published ids can run ahead of published text: those regenerate from the start, and the
+    API relays only what its client does not have yet."""
+    return not feed.batch and not claim.request.sampling.stop
 
 
 def _reason(error: ValidationError) -> str:
@@ -432,7 +619,7 @@ def main() -> None:
         engine = engines.start(settings)
         try:
             # Fresh Kafka clients, topics ensured again; the engine stays loaded.
-            await kafka.reconnecting(lambda: serve(settings, engine))
+            await kafka.reconnecting(functools.partial(serve, settings, engine))
         finally:
             await engine.shutdown()
 

@@ -8,6 +8,10 @@ then the terminal done/error event.
 Every event also goes to the request's capped, expiring Redis stream: pub/sub keeps nothing, so
 the stream is what lets an API that restarted (or reconnected to Redis) replay what it missed,
 and a client resume with Last-Event-ID.
+
+Each request's events go out through one Lua script (workers/ownership.py) that publishes only
+while this worker still owns the request at its epoch, and records the published token ids
+with them, so that another worker can continue exactly where the client is.
 """
 
 from __future__ import annotations
@@ -15,51 +19,79 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from shared.messages import DoneEvent, ErrorEvent, Token, TokensEvent
 from shared.settings import Settings
+from workers.ownership import Owners, publish_args
 
 log = logging.getLogger(__name__)
+
+PUBLISHED, FENCED, LOST = 1, 0, -1  # what the publish script answers
 
 
 @dataclass
 class _Pending:
+    epoch: int
     tokens: list[Token] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    first_index: int = 0  # completion index of ids[0]
+    chars: int = 0  # characters published once these are out
+    seconds: float = 0.0  # engine seconds spent since the last flush
     terminal: DoneEvent | ErrorEvent | None = None
-    published: asyncio.Future[None] | None = None
+    published: asyncio.Future[bool] | None = None
 
 
 class Publisher:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        owners: Owners,
+        on_fenced: Callable[[str, bool], None],
+    ) -> None:
         self._redis = redis
         self._settings = settings
+        self._owners = owners
+        self._on_fenced = on_fenced
         self._interval = settings.stream_interval_ms / 1000
         # One event per token at most, plus the terminal one
-        self._cap = {"maxlen": settings.max_tokens_limit + 8, "approximate": True}
+        self._maxlen = settings.max_tokens_limit + 8
         self._ttl = int(settings.request_timeout_s) + 60
         self._pending: dict[str, _Pending] = {}
         self._urgent = asyncio.Event()
         self._has_data = asyncio.Event()
 
-    def tokens(self, request_id: str, tokens: list[Token]) -> None:
-        pending = self._pending.setdefault(request_id, _Pending())
+    def tokens(
+        self, request_id: str, epoch: int, tokens: list[Token], ids: list[int], chars: int,
+        seconds: float = 0.0,
+    ) -> None:  # fmt: skip
+        """Queue tokens (their ids, and the text length once they are out) of the request this
+        worker holds at `epoch`."""
+        pending = self._pending.setdefault(request_id, _Pending(epoch))
+        if not pending.ids and tokens:
+            pending.first_index = tokens[0].index
         pending.tokens.extend(tokens)
+        pending.ids.extend(ids)
+        pending.chars = chars
+        pending.seconds += seconds
         self._has_data.set()
         if self._interval == 0 or (tokens and tokens[0].index == 0):
             self._urgent.set()
 
-    async def finish(self, request_id: str, event: DoneEvent | ErrorEvent) -> None:
+    async def finish(self, request_id: str, epoch: int, event: DoneEvent | ErrorEvent) -> bool:
         """Queue the terminal event and wait until it (and every token before it) is in Redis:
-        only then may the worker count the request as done and commit its offset."""
-        pending = self._pending.setdefault(request_id, _Pending())
+        only then may the worker count the request as done and commit its offset. False: the
+        request had been taken over (fenced), nothing was published."""
+        pending = self._pending.setdefault(request_id, _Pending(epoch))
         pending.terminal = event
         pending.published = asyncio.get_running_loop().create_future()
         self._has_data.set()
         self._urgent.set()
-        await pending.published
+        return await pending.published
 
     async def run(self) -> None:
         while True:
@@ -69,40 +101,67 @@ class Publisher:
             except TimeoutError:
                 pass
             self._urgent.clear()
-            if self._pending:
-                await self._flush()
+            await self.flush()
             if not self._pending:
                 self._has_data.clear()
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
+        if not self._pending:
+            return
         batch, self._pending = self._pending, {}
         pipe = self._redis.pipeline(transaction=False)
         now = time.time()
-        for request_id, pending in batch.items():
-            channel = self._settings.stream_channel(request_id)
+        owned = self._owners.owned_key(self._owners.me)
+        for request_id, p in batch.items():
             events = []
-            if pending.tokens:
-                events.append(TokensEvent(tokens=pending.tokens, published_at=now))
-            if pending.terminal is not None:
-                events.append(pending.terminal)
-            for event in events:
-                data = event.model_dump_json()
-                pipe.publish(channel, data)
-                pipe.xadd(self._settings.events_key(request_id), {"e": data}, **self._cap)
-            pipe.expire(self._settings.events_key(request_id), self._ttl)
+            if p.tokens:
+                events.append(TokensEvent(tokens=p.tokens, published_at=now).model_dump_json())
+            if p.terminal is not None:
+                events.append(p.terminal.model_dump_json())
+            args = publish_args(
+                request_id, p.epoch, self._settings.stream_channel(request_id), self._ttl,
+                self._maxlen, p.chars, p.seconds, p.terminal is not None, p.first_index, events,
+                p.ids,
+            )  # fmt: skip
+            keys = [
+                self._owners.request_key(request_id),
+                self._settings.events_key(request_id),
+                self._owners.ids_key(request_id),
+                owned,
+                self._owners.orphans_key,
+            ]
+            await self._owners.publish_script(keys=keys, args=args, client=pipe)
         try:
-            await pipe.execute()
+            results = await pipe.execute()
         except Exception:
             # Keep the events and retry: put them back ahead of anything newer.
             log.exception("publishing %d streams to Redis failed; retrying", len(batch))
-            for request_id, newer in self._pending.items():
-                old = batch.setdefault(request_id, _Pending())
-                old.tokens.extend(newer.tokens)
-                old.terminal = newer.terminal or old.terminal
-                old.published = newer.published or old.published
-            self._pending = batch
+            for request_id, p in batch.items():
+                self._put_back(request_id, p)
             await asyncio.sleep(0.5)
             return
-        for pending in batch.values():
-            if pending.published is not None and not pending.published.done():
-                pending.published.set_result(None)
+        for (request_id, p), outcome in zip(batch.items(), results, strict=True):
+            if outcome == LOST:  # Redis lost the record: its owner writes it again, then retry
+                self._put_back(request_id, p)
+                self._on_fenced(request_id, True)
+                continue
+            if outcome == FENCED:
+                log.warning("%s was taken over by another worker: stopping it here", request_id)
+                self._on_fenced(request_id, False)
+            if p.published is not None and not p.published.done():
+                p.published.set_result(outcome == PUBLISHED)
+
+    def _put_back(self, request_id: str, p: _Pending) -> None:
+        """Ahead of anything queued for the request since."""
+        newer = self._pending.pop(request_id, None)
+        if newer is not None:
+            if not p.ids:
+                p.first_index = newer.first_index
+            p.tokens.extend(newer.tokens)
+            p.ids.extend(newer.ids)
+            p.chars = newer.chars
+            p.seconds += newer.seconds
+            p.terminal = newer.terminal or p.terminal
+            p.published = newer.published or p.published
+        self._pending[request_id] = p
+        self._has_data.set()

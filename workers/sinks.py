@@ -61,15 +61,17 @@ def done_event(
 
 
 class Sink(Protocol):
-    def tokens(self, start: int, count: int, text: str) -> None: ...
+    # Each terminal call returns False when the request had been taken over by another worker
+    # (fenced): nothing was stored, and the request is not this worker's to finish.
+    def tokens(self, start: int, text: str, ids: tuple[int, ...], seconds: float) -> None: ...
 
-    async def done(self, event: DoneEvent) -> None: ...
+    async def done(self, event: DoneEvent) -> bool: ...
 
-    async def rejected(self, message: str) -> None:
+    async def rejected(self, message: str) -> bool:
         """The engine refused the request."""
 
-    async def failed(self, message: str) -> None:
-        """The engine failed on the request."""
+    async def failed(self, message: str) -> bool:
+        """The engine failed on the request, or it was parked as a poison pill."""
 
 
 class StreamSink:
@@ -77,53 +79,68 @@ class StreamSink:
         self,
         publisher: Publisher,
         request_id: str,
+        epoch: int,
         dead_letter: Callable[[str], Awaitable[None]],
+        chars: int = 0,
     ) -> None:
         self._publisher = publisher
         self._rid = request_id
+        self._epoch = epoch
         self._dead_letter = dead_letter
-        self._chars = 0  # of text published so far: a token's offset
+        self._chars = chars  # of text published so far: a token's offset
 
-    def tokens(self, start: int, count: int, text: str) -> None:
-        self._publisher.tokens(self._rid, _tokens(start, count, text, self._chars))
+    def tokens(self, start: int, text: str, ids: tuple[int, ...], seconds: float) -> None:
+        tokens = _tokens(start, len(ids), text, self._chars)
         self._chars += len(text)
+        self._publisher.tokens(self._rid, self._epoch, tokens, list(ids), self._chars, seconds)
 
-    async def done(self, event: DoneEvent) -> None:
-        await self._publisher.finish(self._rid, event)
+    async def done(self, event: DoneEvent) -> bool:
+        return await self._publisher.finish(self._rid, self._epoch, event)
 
-    async def rejected(self, message: str) -> None:
+    async def rejected(self, message: str) -> bool:
         await self._dead_letter(f"rejected by engine: {message}")
-        await self._publisher.finish(self._rid, ErrorEvent(request_id=self._rid, message=message))
+        event = ErrorEvent(request_id=self._rid, message=message)
+        return await self._publisher.finish(self._rid, self._epoch, event)
 
-    async def failed(self, message: str) -> None:
+    async def failed(self, message: str) -> bool:
         event = ErrorEvent(request_id=self._rid, message=f"engine error: {message}")
-        await self._publisher.finish(self._rid, event)
+        return await self._publisher.finish(self._rid, self._epoch, event)
 
 
 class BatchSink:
     """Nobody watches a batch request stream: its text is gathered and produced once, keyed by
     request id. Rejections and failures become results too (`error` set), so that a submitter
-    waiting for N results gets N."""
+    waiting for N results gets N. `finish` marks the request done for its owner; a worker
+    fenced between producing and finishing has produced a duplicate (same request id)."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str, request: GenerationRequest) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        request: GenerationRequest,
+        finish: Callable[[], Awaitable[bool]],
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._request = request
+        self._finish = finish
         self._parts: list[str] = []
 
-    def tokens(self, start: int, count: int, text: str) -> None:
+    def tokens(self, start: int, text: str, ids: tuple[int, ...], seconds: float) -> None:
         self._parts.append(text)
 
-    async def done(self, event: DoneEvent) -> None:
+    async def done(self, event: DoneEvent) -> bool:
         await self._send(
             event.finish_reason, event.usage, cost_usd=event.cost_usd, text="".join(self._parts)
         )
+        return await self._finish()
 
-    async def rejected(self, message: str) -> None:
+    async def rejected(self, message: str) -> bool:
         await self._send("error", Usage(prompt_tokens=0, completion_tokens=0), error=message)
+        return await self._finish()
 
-    async def failed(self, message: str) -> None:
-        await self.rejected(f"engine error: {message}")
+    async def failed(self, message: str) -> bool:
+        return await self.rejected(f"engine error: {message}")
 
     async def _send(self, finish_reason: str, usage: Usage, **fields: object) -> None:
         result = BatchResult(

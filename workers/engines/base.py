@@ -20,6 +20,7 @@ class Delta:
     num_tokens: int
     prompt_tokens: int
     finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()  # the new tokens' ids: what a takeover continues from
 
 
 class RequestRejected(ValueError):
@@ -35,11 +36,19 @@ class Engine(Protocol):
     model: str
 
     # priority: lower is scheduled sooner (interactive 0, batch 1); a backend without a
-    # priority scheduler may ignore it.
-    def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]: ...
+    # priority scheduler may ignore it. resume: token ids of the completion a previous worker
+    # already published; the engine continues after them (one prefill of prompt + resume)
+    # and generates at most max_tokens - len(resume) more. Deltas count only the new tokens;
+    # prompt_tokens stays the prompt's own.
+    def generate(
+        self, request: GenerationRequest, priority: int = 0, resume: list[int] | None = None
+    ) -> AsyncIterator[Delta]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
     def num_running(self) -> int: ...
+
+    async def restart(self) -> None:
+        """Replace a dead engine with a new one (raises if this backend cannot)."""
 
     async def shutdown(self) -> None: ...

@@ -45,7 +45,9 @@ class TransformersEngine:
         manager.start()
         return cls(model, tokenizer, manager, settings)
 
-    async def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]:
+    async def generate(
+        self, request: GenerationRequest, priority: int = 0, resume: list[int] | None = None
+    ) -> AsyncIterator[Delta]:
         # `priority` is ignored: the manager schedules first come, first served. Here only the
         # worker's poll order and batch level (SLUICE_BATCH_MAX_IN_FLIGHT) favour interactive.
         s = request.sampling
@@ -57,14 +59,18 @@ class TransformersEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the "
                 f"model's context length ({self._max_model_len})"
             )
+        resume = resume or []
+        if len(resume) >= s.max_tokens:
+            yield Delta(text="", num_tokens=0, prompt_tokens=len(ids), finish_reason="length")
+            return
         rid = request.request_id
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[rid] = queue
         self._manager.register_result_handler(rid, queue.put_nowait)
         accepted = self._manager.add_request(
-            ids,
+            ids + resume,
             request_id=rid,
-            max_new_tokens=s.max_tokens,
+            max_new_tokens=s.max_tokens - len(resume),
             streaming=True,
             eos_token_id=-1 if s.ignore_eos else self._tokenizer.eos_token_id,
             **per_request_sampling(s.temperature, s.top_p, self._model.config.vocab_size),
@@ -73,7 +79,8 @@ class TransformersEngine:
             self._queues.pop(rid, None)
             raise EngineDead("the continuous batching manager is not accepting requests")
         try:
-            async for delta in self._deltas(rid, queue, len(ids), s.stop, s.max_tokens):
+            new_max = s.max_tokens - len(resume)
+            async for delta in self._deltas(rid, queue, len(ids), s.stop, new_max):
                 yield delta
         finally:
             if rid in self._queues:  # the consumer went away before the end
@@ -111,6 +118,7 @@ class TransformersEngine:
                     num_tokens=len(tokens) - sent_tokens,
                     prompt_tokens=n_prompt,
                     finish_reason=finish,
+                    token_ids=tuple(tokens[sent_tokens:]),
                 )
                 sent_text, sent_tokens = text, len(tokens)
             if finish is not None:
@@ -134,6 +142,9 @@ class TransformersEngine:
 
     def num_running(self) -> int:
         return len(self._queues)
+
+    async def restart(self) -> None:
+        raise EngineDead("the transformers engine cannot be restarted in place")
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._manager.stop, block=True, timeout=30)

@@ -6,6 +6,8 @@ is chosen by the install extra, not here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -21,29 +23,46 @@ from workers.engines.base import Delta, EngineDead, RequestRejected
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm: Any, model: str) -> None:
-        self._llm = llm
+    def __init__(self, args: Any, model: str, fault: str | None = None) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._args = args
+        self._llm = AsyncLLM.from_engine_args(args)
         self.model = model
-        self._tokenizer = llm.get_tokenizer()
+        self._tokenizer = self._llm.get_tokenizer()
         self._running: set[str] = set()
+        self._fault = fault  # tests only (SLUICE_FAULT_KILL_ENGINE_ON)
 
     @classmethod
     def start(cls, settings: Settings) -> VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**engine_args(settings), enable_log_requests=False)
-        return cls(AsyncLLM.from_engine_args(args), settings.model)
+        return cls(args, settings.model, settings.fault_kill_engine_on)
 
-    async def generate(self, request: GenerationRequest, priority: int = 0) -> AsyncIterator[Delta]:
+    async def restart(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        with contextlib.suppress(Exception):  # it is dead already
+            self._llm.shutdown()
+        # In a thread: the worker keeps its heartbeat and its Kafka session meanwhile.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+
+    async def generate(
+        self, request: GenerationRequest, priority: int = 0, resume: list[int] | None = None
+    ) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         s = request.sampling
+        resume = resume or []
+        if len(resume) >= s.max_tokens:  # the previous worker published the last token
+            yield Delta(text="", num_tokens=0, prompt_tokens=0, finish_reason="length")
+            return
         params = SamplingParams(
-            max_tokens=s.max_tokens,
+            max_tokens=s.max_tokens - len(resume),
             temperature=s.temperature,
             top_p=s.top_p,
             stop=s.stop or None,
@@ -54,9 +73,12 @@ class VllmEngine:
         ids = prompt_token_ids(self._tokenizer, request)
         self._running.add(request.request_id)
         try:
-            stream = self._llm.generate(
-                TokensPrompt(prompt_token_ids=ids), params, request.request_id, priority=priority
-            )
+            if self._fault and self._fault in request.model_dump_json():
+                _kill_engine_processes()
+            # vLLM detokenizes the continuation primed with the end of this "prompt", so its
+            # first text is decoded in the context of what the client already has.
+            prompt = TokensPrompt(prompt_token_ids=ids + resume)
+            stream = self._llm.generate(prompt, params, request.request_id, priority=priority)
             async for out in stream:
                 completion = out.outputs[0]
                 yield Delta(
@@ -64,6 +86,7 @@ class VllmEngine:
                     num_tokens=len(completion.token_ids),
                     prompt_tokens=len(ids),
                     finish_reason=completion.finish_reason,
+                    token_ids=tuple(completion.token_ids),
                 )
         except EngineDeadError as e:
             raise EngineDead(str(e)) from e
@@ -80,6 +103,17 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _kill_engine_processes() -> None:
+    """Tests only: SIGKILL the engine's own processes (vLLM runs its engine core apart from
+    the worker), as a crash of the engine on some input would."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    engine = [c for c in children if "EngineCore" in " ".join([*c.cmdline(), c.name()])]
+    for child in engine or children:
+        child.kill()
 
 
 def engine_args(settings: Settings) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""One live owner per request, takeovers and fencing (workers/ownership.py) on a real broker and
+real Redis, with the fake engine for speed: these test the queue logic only. That a dead vLLM
+worker's streams continue elsewhere, token-exact, is proven in tests/test_reliability_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from shared import ledger
+from shared import redis as sredis
+from shared.kafka import ensure_topics
+from shared.messages import DoneEvent, ErrorEvent, Heartbeat, Token, TokensEvent
+from shared.settings import Settings
+from tests.conftest import Services, make_settings
+from tests.fake_engine import FakeEngine
+from tests.test_worker_queue import committed, listen, produce, req, worker
+from workers.main import serve
+from workers.ownership import Owners, publish_args
+
+
+def as_worker(settings: Settings, worker_id: str) -> Settings:
+    return settings.model_copy(update={"worker_id": worker_id})
+
+
+async def publish_as(owners: Owners, settings: Settings, rid: str, epoch: int, n: int) -> bool:
+    """Publish tokens t0..t{n-1} (ids 0..n-1) as `owners`' worker would."""
+    tokens, chars = [], 0
+    for i in range(n):
+        tokens.append(Token(index=i, text=f"t{i} ", offset=chars))
+        chars += len(f"t{i} ")
+    events = [TokensEvent(tokens=tokens).model_dump_json()]
+    keys = [
+        owners.request_key(rid), settings.events_key(rid), owners.ids_key(rid),
+        owners.owned_key(owners.me), owners.orphans_key,
+    ]  # fmt: skip
+    args = publish_args(
+        rid, epoch, settings.stream_channel(rid), 60, 100, chars, 0.0, False, 0, events,
+        list(range(n)),
+    )  # fmt: skip
+    return bool(await owners.publish_script(keys=keys, args=args))
+
+
+async def wait_committed(settings: Settings, total: int, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(max(o, 0) for o in (await committed(settings)).values()) != total:
+        assert time.monotonic() < deadline, await committed(settings)
+        await asyncio.sleep(0.2)
+
+
+async def test_a_dead_workers_request_continues_from_its_published_tokens(
+    services: Services,
+) -> None:
+    settings = as_worker(make_settings(services, requests_partitions=1), "live")
+    ghost_settings = as_worker(settings, "ghost")
+    redis = Redis.from_url(settings.redis)
+    ghost = Owners(redis, ghost_settings)
+    r = req(max_tokens=10)
+    rid = r.request_id
+    # A worker read the request, published 4 tokens, and died (its beat is a minute old).
+    assert await ghost.claim_new(r, "interactive", settings.requests_topic, 0, 0) == (
+        "new",
+        "ghost",
+    )
+    assert await publish_as(ghost, settings, rid, 1, 4)
+    stale = Heartbeat(worker_id="ghost", engine="fake", model="m", in_flight=1, ts=time.time() - 60)
+    await sredis.write_heartbeat(redis, settings, stale)
+    events = await listen(settings, [rid])
+    engine = FakeEngine(token_delay_s=0.01)
+    async with worker(settings, engine):
+        # Its record is still uncommitted: this worker reads it too, and must not run it again.
+        await produce(settings, r.model_dump_json().encode())
+        received = [e async for _, e in events]
+        await wait_committed(settings, 1)
+    tokens = [t for e in received if isinstance(e, TokensEvent) for t in e.tokens]
+    assert [t.index for t in tokens] == list(range(4, 10))
+    assert tokens[0].offset == len("t0 t1 t2 t3 ")
+    assert "".join(t.text for t in tokens) == "".join(f"t{i} " for i in range(4, 10))
+    done = received[-1]
+    assert isinstance(done, DoneEvent) and done.usage.completion_tokens == 10
+    assert engine.generated == [rid]  # once: the redelivered record was not run again
+    assert engine.resumed[rid] == [0, 1, 2, 3]
+    assert await redis.hget(settings.heartbeats_key, "ghost") is None
+    totals = await ledger.totals(redis, settings, 3600)
+    assert totals["requests"] == 1 and totals["completion_tokens"] == 10
+    await redis.aclose()
+
+
+async def test_a_worker_taken_for_dead_is_fenced_off(services: Services) -> None:
+    settings = as_worker(make_settings(services, requests_partitions=1), "slow")
+    redis = Redis.from_url(settings.redis)
+    thief = Owners(redis, as_worker(settings, "thief"))
+    r = req(max_tokens=200)
+    rid = r.request_id
+    events = await listen(settings, [rid])
+    engine = FakeEngine(token_delay_s=0.02)
+    async with worker(settings, engine):
+        await produce(settings, r.model_dump_json().encode())
+        await asyncio.wait_for(engine.started.wait(), 30)
+        await asyncio.sleep(0.3)
+        # Another worker declared "slow" dead and took its request over (epoch 2).
+        assert await redis.smove(thief.owned_key("slow"), thief.orphans_key, rid)
+        claim = await thief.claim_orphan(rid, ["interactive"])
+        assert claim is not None and claim.epoch == 2 and claim.takeovers == 1
+        deadline = time.monotonic() + 5
+        while rid not in engine.aborted:  # its next publish was refused: it stopped
+            assert time.monotonic() < deadline, "the fenced worker kept generating"
+            await asyncio.sleep(0.05)
+        assert not await publish_as(Owners(redis, settings), settings, rid, 1, 1)
+        # The new owner finishes it; the fenced worker then commits the record it read.
+        assert await thief.finish_quietly(rid, claim.epoch)
+        await wait_committed(settings, 1)
+        assert not engine.completed
+    await redis.aclose()
+    del events
+
+
+async def test_a_rebalance_among_live_workers_starts_no_second_copy(services: Services) -> None:
+    settings = make_settings(services, requests_partitions=4)
+    first, second = FakeEngine(token_delay_s=0.05), FakeEngine(token_delay_s=0.05)
+    requests = [req(max_tokens=40) for _ in range(8)]  # ~2 s each
+    events = await listen(settings, [r.request_id for r in requests])
+    async with worker(as_worker(settings, "first"), first):
+        await produce(settings, *(r.model_dump_json().encode() for r in requests))
+        deadline = time.monotonic() + 30
+        while len(first.running) < 8:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        # A second worker joins (scale-up): the group rebalances and it is assigned partitions
+        # whose records are uncommitted, because the first worker is still running them.
+        async with worker(as_worker(settings, "second"), second):
+            done = [e async for _, e in events if isinstance(e, DoneEvent)]
+            await wait_committed(settings, 8, timeout_s=30)
+    assert len(done) == 8
+    assert sorted(first.generated) == sorted(r.request_id for r in requests)
+    assert second.generated == []
+
+
+async def test_a_poison_pill_is_parked_after_max_attempts_and_the_pool_serves_on(
+    services: Services,
+) -> None:
+    settings = make_settings(services, requests_partitions=1, max_attempts=2)
+    redis = Redis.from_url(settings.redis)
+    pill, good = req(prompt="kill the engine"), req(max_tokens=3)
+    events = await listen(settings, [pill.request_id, good.request_id])
+    engines = [FakeEngine(), FakeEngine()]
+    await ensure_topics(settings)
+    stop = asyncio.Event()
+    pool = [
+        asyncio.create_task(serve(as_worker(settings, w), e, stop))
+        for w, e in zip(("a", "b"), engines, strict=True)
+    ]
+    try:
+        await asyncio.sleep(2)
+        await produce(settings, pill.model_dump_json().encode(), good.model_dump_json().encode())
+        received = {rid: e async for rid, e in events if not isinstance(e, TokensEvent)}
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*pool), 60)
+    error = received[pill.request_id]
+    assert isinstance(error, ErrorEvent) and "poison pill: 2 engines died" in error.message
+    assert isinstance(received[good.request_id], DoneEvent)
+    # The first engine, then the other worker's, which retried it alone; both restarted.
+    assert sum(e.restarts for e in engines) == 2
+    state = await redis.hgetall(Owners(redis, settings).request_key(pill.request_id))
+    assert state[b"state"] == b"done" and state[b"engine_deaths"] == b"2"
+    await redis.aclose()
