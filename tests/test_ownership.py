@@ -21,8 +21,8 @@ from workers.main import serve
 from workers.ownership import Owners, publish_args
 
 
-def as_worker(settings: Settings, worker_id: str) -> Settings:
-    return settings.model_copy(update={"worker_id": worker_id})
+def as_worker(settings: Settings, worker_id: str, **overrides: object) -> Settings:
+    return settings.model_copy(update={"worker_id": worker_id, **overrides})
 
 
 async def publish_as(owners: Owners, settings: Settings, rid: str, epoch: int, n: int) -> bool:
@@ -167,3 +167,44 @@ async def test_a_poison_pill_is_parked_after_max_attempts_and_the_pool_serves_on
     state = await redis.hgetall(Owners(redis, settings).request_key(pill.request_id))
     assert state[b"state"] == b"done" and state[b"engine_deaths"] == b"2"
     await redis.aclose()
+
+
+async def test_a_drained_worker_hands_its_requests_over_at_the_drain_bound(
+    services: Services,
+) -> None:
+    """Scale-down or rolling update: SIGTERM gives in-flight requests `drain_timeout_s`; what
+    still runs then continues on a live worker from the tokens already sent."""
+    settings = make_settings(services, requests_partitions=1)
+    leaving, staying = FakeEngine(token_delay_s=0.03), FakeEngine(token_delay_s=0.03)
+    # ~12 s: longer than the join of the second worker (seconds on the dev broker), during
+    # which the leaving worker's poll, and so its reaction to the stop, waits.
+    r = req(max_tokens=400)
+    rid = r.request_id
+    events = await listen(settings, [rid])
+    collected: list = []
+
+    async def collect() -> None:
+        collected.extend([e async for _, e in events])
+
+    reader = asyncio.create_task(collect())
+    await ensure_topics(settings)
+    stop_leaving, stop_staying = asyncio.Event(), asyncio.Event()
+    leaving_settings = as_worker(settings, "leaving", drain_timeout_s=0.5)
+    leaving_task = asyncio.create_task(serve(leaving_settings, leaving, stop_leaving))
+    await produce(settings, r.model_dump_json().encode())
+    await asyncio.wait_for(leaving.started.wait(), 30)  # the only worker: it runs it
+    staying_task = asyncio.create_task(serve(as_worker(settings, "staying"), staying, stop_staying))
+    try:
+        await asyncio.sleep(1.0)
+        stop_leaving.set()  # SIGTERM: drain 0.5 s, then hand over
+        await asyncio.wait_for(leaving_task, 30)
+        await asyncio.wait_for(reader, 30)
+    finally:
+        stop_staying.set()
+        await asyncio.wait_for(staying_task, 30)
+    assert leaving.generated == [rid] and rid not in leaving.completed
+    tokens = [t for e in collected if isinstance(e, TokensEvent) for t in e.tokens]
+    assert [t.index for t in tokens] == list(range(400))
+    assert isinstance(collected[-1], DoneEvent) and collected[-1].usage.completion_tokens == 400
+    resumed = staying.resumed[rid]
+    assert 0 < len(resumed) < 400 and resumed == list(range(len(resumed)))
