@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 from transformers import AutoTokenizer
@@ -28,6 +27,7 @@ from shared import devstack
 from shared.devstack import LocalStack
 from shared.models import model_path
 from tests.conftest import LOG_DIR, PROMPTS, REF_MAX_TOKENS, Services, make_settings
+from tests.test_worker_queue import dead_letters, dlq_reason
 from workers.ownership import Owners
 
 pytestmark = pytest.mark.stack
@@ -407,27 +407,8 @@ async def test_a_poison_pill_is_parked_and_the_pool_serves_on(
     assert all(w.poll() is None for w in stack.workers)
     r = await client.post("/generate", json={"prompt": "Hello", "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    dlq = await _dead_letters(stack)
-    assert any(rid.encode() == key and "poison pill" in reason for key, reason in dlq)
-
-
-async def _dead_letters(stack: LocalStack) -> list[tuple[bytes, str]]:
-    consumer = AIOKafkaConsumer(
-        stack.settings.dlq_topic,
-        bootstrap_servers=stack.settings.kafka,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=10,
-    )
-    await consumer.start()
-    try:
-        batch = await consumer.getmany(timeout_ms=5000)
-    finally:
-        await consumer.stop()
-    return [
-        (r.key or b"", dict(r.headers)["sluice.dlq.reason"].decode())
-        for records in batch.values()
-        for r in records
-    ]
+    dlq = await dead_letters(stack.settings)
+    assert any(r.key == rid.encode() and "poison pill" in dlq_reason(r) for r in dlq)
 
 
 async def test_dev_broker_restart_the_queue_recovers_by_itself(

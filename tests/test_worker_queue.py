@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
@@ -88,6 +89,26 @@ async def _events(redis: Redis, pubsub, n_requests: int):  # type: ignore[no-unt
         await redis.aclose()
 
 
+async def dead_letters(settings: Settings) -> list[ConsumerRecord]:
+    """What the interactive dead-letter topic holds (read from the start)."""
+    dlq = AIOKafkaConsumer(
+        settings.dlq_topic,
+        bootstrap_servers=settings.kafka,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+    )
+    await dlq.start()
+    try:
+        batch = await dlq.getmany(timeout_ms=5000)
+    finally:
+        await dlq.stop()
+    return [r for records in batch.values() for r in records]
+
+
+def dlq_reason(record: ConsumerRecord) -> str:
+    return dict(record.headers)["sluice.dlq.reason"].decode()
+
+
 async def committed(settings: Settings) -> dict[int, int]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka, group_id=settings.consumer_group, enable_auto_commit=False
@@ -147,22 +168,7 @@ async def test_poison_and_rejected_requests_are_dead_lettered_and_committed(
             assert time.monotonic() < deadline, await committed(settings)
             await asyncio.sleep(0.2)
 
-    dlq = AIOKafkaConsumer(
-        settings.dlq_topic,
-        bootstrap_servers=settings.kafka,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=10,
-    )
-    await dlq.start()
-    try:
-        batch = await dlq.getmany(timeout_ms=5000)
-    finally:
-        await dlq.stop()
-    reasons = {
-        r.offset: dict(r.headers)["sluice.dlq.reason"].decode()
-        for records in batch.values()
-        for r in records
-    }
+    reasons = {r.offset: dlq_reason(r) for r in await dead_letters(settings)}
     assert len(reasons) == 2
     assert "invalid request message" in reasons[0]
     assert "rejected by engine" in reasons[1]

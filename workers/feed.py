@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
+from redis.exceptions import RedisError
 
 from shared import kafka
 from shared.kafka import KafkaLost
 from workers.offsets import OffsetTracker
+from workers.ownership import Owners
 
 log = logging.getLogger(__name__)
 
 Records = list[tuple[TopicPartition, ConsumerRecord]]
+WATCH_INTERVAL_S = 0.5  # how often to look whether a request run elsewhere is done
 OFFSET_CHECK_S = 2.0  # a committed-offset lookup after a rebalance; one round trip when healthy
 
 
@@ -77,6 +80,24 @@ class Feed:
                 gone.append(tp)
         self.reassigned = False
         return gone
+
+    def watch(self, owners: Owners, tp: TopicPartition, offset: int, rid: str) -> None:
+        """A record whose request another worker runs (or ran): finished, so committable, once
+        that request is done. Never run here: one live owner per request."""
+
+        async def watch() -> None:
+            while True:
+                try:
+                    if await owners.watch_state(rid) != "running":
+                        break
+                except RedisError as e:
+                    log.warning("state of %s unknown for now: %s", rid, e)
+                await asyncio.sleep(WATCH_INTERVAL_S)
+            self.offsets.finished(tp, offset)
+
+        task = asyncio.create_task(watch())
+        self.watching.add(task)
+        task.add_done_callback(self.watching.discard)
 
     async def hold(self) -> None:
         """Take nothing and stop fetching: the records stay in Kafka (visible as lag), and

@@ -45,7 +45,7 @@ from workers.cost import CostMeter
 from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.feed import Feed
 from workers.gpu import register_gpu_metrics
-from workers.ownership import Claim, Owners
+from workers.ownership import Claim, Owners, resumable
 from workers.publisher import Publisher
 from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
@@ -55,7 +55,6 @@ log = logging.getLogger("sluice.worker")
 
 INTERACTIVE, BATCH = 0, 1  # engine priorities: lower is scheduled sooner
 TAKEOVER_INTERVAL_S = 0.25  # how often to look for dead workers' requests (one HGETALL)
-WATCH_INTERVAL_S = 0.5  # how often to look whether a request run elsewhere is done
 BATCH_POLL_INTERVAL_MS = 3_600_000
 CLOSE_TIMEOUT_S = 10.0
 
@@ -223,15 +222,19 @@ class Worker:
             max(0.0, time.time() - request.enqueued_at)
         )
         rid = request.request_id
-        state, owner = await self.owners.claim_new(
-            request, feed.name, tp.topic, tp.partition, record.offset
-        )
+        try:
+            state, owner = await self.owners.claim_new(
+                request, feed.name, tp.topic, tp.partition, record.offset
+            )
+        except RedisError as e:  # run it: its first publish writes the record (reclaim)
+            log.warning("ownership of %s unknown (%s): running it", rid, e)
+            state, owner = "new", self.owners.me
         if state != "new":
             # Redelivered (a rebalance, or its worker died and another continued it): it runs,
             # or ran, elsewhere. Commit it once it is done, never run a second copy.
             log.info("%s is %s under %s: not running it again", rid, state, owner)
             metrics.REDELIVERED.labels(state).inc()
-            self._watch(feed, tp, record.offset, rid)
+            feed.watch(self.owners, tp, record.offset, rid)
             return
         self._start(Claim(request, 1, feed.name, tp.topic, tp.partition, record.offset), feed, tp)
 
@@ -265,24 +268,9 @@ class Worker:
         if tp is None:
             return
         if running.fenced:  # now another worker's: commit once that one is done
-            self._watch(feed, tp, claim.offset, claim.request.request_id)
+            feed.watch(self.owners, tp, claim.offset, claim.request.request_id)
         else:
             feed.offsets.finished(tp, claim.offset)
-
-    def _watch(self, feed: Feed, tp: TopicPartition, offset: int, rid: str) -> None:
-        async def watch() -> None:
-            while True:
-                try:
-                    if await self.owners.watch_state(rid) != "running":
-                        break
-                except RedisError as e:
-                    log.warning("state of %s unknown for now: %s", rid, e)
-                await asyncio.sleep(WATCH_INTERVAL_S)
-            feed.offsets.finished(tp, offset)
-
-        task = asyncio.create_task(watch())
-        feed.watching.add(task)
-        task.add_done_callback(feed.watching.discard)
 
     def _fenced(self, request_id: str, lost: bool) -> None:
         """Another worker took this request over (this one was taken for dead): stop it. Or
@@ -323,7 +311,7 @@ class Worker:
         if reason := self.owners.parked_reason(claim):
             await self._park(claim, feed, reason)
             return
-        if not _resumable(claim, feed):
+        if not resumable(claim):
             await self.owners.restart_from_scratch(rid)
             claim.emitted, claim.chars = [], 0
         log.info(
@@ -546,14 +534,6 @@ class Worker:
                 log.warning("heartbeat failed: %s", e)
             metrics.IN_FLIGHT.set(self.in_flight)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-
-
-def _resumable(claim: Claim, feed: Feed) -> bool:
-    """Whether a taken-over request can continue from its published token ids. Batch requests
-    publish nothing and re-run; with stop strings vLLM holds back text that may begin one, so
-    published ids can run ahead of published text: those regenerate from the start, and the
-    API relays only what its client does not have yet."""
-    return not feed.batch and not claim.request.sampling.stop
 
 
 def _reason(error: ValidationError) -> str:

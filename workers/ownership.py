@@ -302,6 +302,14 @@ class Owners:
         return None
 
 
+def resumable(claim: Claim) -> bool:
+    """Whether a taken-over request can continue from its published token ids. Batch requests
+    publish nothing and re-run; with stop strings vLLM holds back text that may begin one, so
+    published ids can run ahead of published text: those regenerate from the start, and the
+    API relays only what its client does not have yet."""
+    return claim.feed != "batch" and not claim.request.sampling.stop
+
+
 def _beat_ts(raw: bytes) -> float:
     try:
         return float(json.loads(raw)["ts"])
