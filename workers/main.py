@@ -302,8 +302,8 @@ class Worker:
                     claim = await self.owners.claim_orphan(rid, feeds)
                     if claim is not None:
                         await self._continue(claim, by_name[claim.feed])
-            except RedisError as e:
-                log.warning("takeover round failed: %s", e)
+            except Exception:  # Redis or Kafka down: this loop must outlive it
+                log.exception("takeover round failed; trying again")
 
     async def _continue(self, claim: Claim, feed: Feed) -> None:
         rid = claim.request.request_id
