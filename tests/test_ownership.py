@@ -32,10 +32,7 @@ async def publish_as(owners: Owners, settings: Settings, rid: str, epoch: int, n
         tokens.append(Token(index=i, text=f"t{i} ", offset=chars))
         chars += len(f"t{i} ")
     events = [TokensEvent(tokens=tokens).model_dump_json()]
-    keys = [
-        owners.request_key(rid), settings.events_key(rid), owners.ids_key(rid),
-        owners.owned_key(owners.me), owners.orphans_key,
-    ]  # fmt: skip
+    keys = owners.publish_keys(rid)
     args = publish_args(
         rid, epoch, settings.stream_channel(rid), 60, 100, chars, 0.0, False, 0, events,
         list(range(n)),

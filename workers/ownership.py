@@ -241,14 +241,17 @@ class Owners:
     async def orphans(self, n: int) -> list[str]:
         return [r.decode() for r in await self._redis.srandmember(self.orphans_key, n)]
 
-    async def finish_quietly(self, rid: str, epoch: int) -> bool:
-        """Mark a request done without publishing anything (batch requests); False if fenced."""
-        keys = [
+    def publish_keys(self, rid: str) -> list[str]:
+        """The keys the PUBLISH script touches for `rid`, in its order."""
+        return [
             self.request_key(rid), self._s.events_key(rid), self.ids_key(rid),
             self.owned_key(self.me), self.orphans_key,
         ]  # fmt: skip
+
+    async def finish_quietly(self, rid: str, epoch: int) -> bool:
+        """Mark a request done without publishing anything (batch requests); False if fenced."""
         args = publish_args(rid, epoch, "", 60, 1, 0, 0.0, True, 0, [], [])
-        return bool(await self.publish_script(keys=keys, args=args))
+        return bool(await self.publish_script(keys=self.publish_keys(rid), args=args))
 
     async def restart_from_scratch(self, rid: str) -> None:
         """The claimer of a request that cannot continue from tokens regenerates it: the ids

@@ -111,7 +111,6 @@ class Publisher:
         batch, self._pending = self._pending, {}
         pipe = self._redis.pipeline(transaction=False)
         now = time.time()
-        owned = self._owners.owned_key(self._owners.me)
         for request_id, p in batch.items():
             events = []
             if p.tokens:
@@ -123,13 +122,7 @@ class Publisher:
                 self._maxlen, p.chars, p.seconds, p.terminal is not None, p.first_index, events,
                 p.ids,
             )  # fmt: skip
-            keys = [
-                self._owners.request_key(request_id),
-                self._settings.events_key(request_id),
-                self._owners.ids_key(request_id),
-                owned,
-                self._owners.orphans_key,
-            ]
+            keys = self._owners.publish_keys(request_id)
             await self._owners.publish_script(keys=keys, args=args, client=pipe)
         try:
             results = await pipe.execute()
