@@ -8,6 +8,7 @@ sluice model prepare         convert the bundled default model once
 sluice cost report [--window 1h]   fleet cost, monthly projections, recommendations
 sluice keys create --tenant NAME [--rpm N] [--tpm N] | list | revoke KEY_ID   API keys
 sluice batch submit FILE.jsonl [--wait] | collect [--ids F.ids] [--out F.jsonl]   batch jobs
+sluice trace REQUEST_ID [--json]   every hop of one request: when and where it waited
 sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
 sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv,
                              rag, cost, flood, priority (see docs/BENCHMARKS.md;
@@ -204,6 +205,33 @@ def _cost(args: argparse.Namespace) -> None:
     print(report.model_dump_json(indent=2) if args.json else cost.render(report))
 
 
+def _trace(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from shared import redis as sredis
+    from shared import tracing
+    from shared.settings import Settings
+
+    settings = Settings()
+
+    async def read() -> list[dict]:
+        redis = sredis.connect(settings)
+        try:
+            return await tracing.timeline(redis, settings, args.request_id)
+        finally:
+            await redis.aclose()
+
+    try:
+        hops = asyncio.run(read())
+    except RedisError as e:
+        sys.exit(f"cannot reach Redis at {settings.redis} (SLUICE_REDIS): {e}")
+    print(json.dumps(hops, indent=2) if args.json else tracing.render(args.request_id, hops))
+    if not hops:
+        sys.exit(1)
+
+
 def _keys(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -345,6 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     cost_cmd.add_argument("--window", default="1h", help="15m, 1h, 24h, 7d (default 1h)")
     cost_cmd.add_argument("--json", action="store_true", help="the GET /cost JSON")
     cost_cmd.set_defaults(fn=_cost)
+    trace = sub.add_parser("trace", help="a request's hops: where its time went")
+    trace.add_argument("request_id")
+    trace.add_argument("--json", action="store_true", help="the hops as JSON")
+    trace.set_defaults(fn=_trace)
     _keys_parser(sub)
     _batch_parser(sub)
     sub.add_parser("bench", help="serving benchmark", add_help=False).set_defaults(fn=_bench)

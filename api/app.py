@@ -44,6 +44,7 @@ from shared.documents import DocumentStatus
 from shared.embeddings import Embedder
 from shared.models import model_path
 from shared.settings import Settings
+from shared.tracing import Tracer
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,9 +59,11 @@ def create_app(settings: Settings) -> FastAPI:
         await producer.start()
         hub = StreamHub(redis, settings)
         await hub.start()
+        tracer = Tracer(settings, redis, "sluice-api")
+        traces = asyncio.create_task(tracer.run())
         app.state.redis, app.state.producer = redis, producer
         app.state.auth = Authenticator(settings, redis)
-        app.state.generate = GenerateHandler(settings, tokenizer, producer, hub)
+        app.state.generate = GenerateHandler(settings, tokenizer, producer, hub, tracer)
         app.state.openai = OpenAIHandler(settings, app.state.generate, redis)
         app.state.documents = DocumentsHandler(settings, producer, redis)
         embedder = await asyncio.to_thread(Embedder.load, settings)
@@ -71,6 +74,10 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             topics.cancel()
+            traces.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traces  # its last hops reach Redis
+            tracer.shutdown()
             app.state.rag.close()
             await hub.stop()
             await producer.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -30,9 +31,11 @@ from api.streaming import (
     sse_frames,
 )
 from shared import redis as sredis
+from shared import tracing
 from shared.messages import DoneEvent, GenerationRequest, TokensEvent
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
+from shared.tracing import Tracer
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # At the deadline the worker ends the request itself (finish_reason "timeout", text so far);
@@ -65,9 +68,15 @@ def _relayed(backlog: list[Event], last_index: int) -> Relayed:
 
 class GenerateHandler:
     def __init__(
-        self, settings: Settings, tokenizer: Any, producer: AIOKafkaProducer, hub: StreamHub
+        self,
+        settings: Settings,
+        tokenizer: Any,
+        producer: AIOKafkaProducer,
+        hub: StreamHub,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
+        self.tracer = tracer or Tracer(settings, None, "sluice-api")
         self.tokenizer = tokenizer
         self.producer = producer
         self.hub = hub
@@ -118,16 +127,21 @@ class GenerateHandler:
     async def _submit(self, message: GenerationRequest) -> asyncio.Queue[Event]:
         """Listen first, then enqueue: the first token can never beat the subscription."""
         rid = message.request_id
+        traceparent = self.tracer.start(rid, name="sluice.api.request")
+        self.tracer.hop(rid, tracing.API_ACCEPTED)
         queue = await self.hub.open(rid)
         try:
-            await self.producer.send_and_wait(
+            sent = await self.producer.send_and_wait(
                 self.settings.requests_topic,
                 value=message.model_dump_json().encode(),
                 key=rid.encode(),
+                headers=[(tracing.TRACEPARENT, traceparent.encode())],
             )
         except Exception as e:
             await self.hub.close(rid)
+            self.tracer.end(rid)
             raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
+        self.tracer.hop(rid, tracing.KAFKA_PRODUCED, partition=sent.partition, offset=sent.offset)
         return queue
 
     async def submit(self, request: Validated, caller: Caller = ANONYMOUS) -> AsyncIterator[Event]:
@@ -141,7 +155,8 @@ class GenerateHandler:
         timeout = self.settings.request_timeout_s
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at
-        return events(queue, clock, timeout + DEADLINE_GRACE_S)
+        mark = functools.partial(self.tracer.hop, message.request_id)
+        return events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark)
 
     async def close(self, request_id: str) -> None:
         await self.hub.close(request_id)
@@ -196,12 +211,15 @@ class GenerateHandler:
         self, rid: str, source: AsyncIterator[Event], prelude: bytes = b""
     ) -> StreamingResponse:
         async def frames() -> AsyncIterator[bytes]:
-            finished = False
+            finished = written = False
             try:
                 if prelude:
                     yield prelude
                 async for frame in sse_frames(source):
-                    yield frame
+                    yield frame  # returns once the server has written it
+                    if not written:
+                        written = True
+                        self.tracer.hop(rid, tracing.SSE_FIRST_WRITE)
                 finished = True
             finally:
                 self.release(rid, cancel=not finished)
@@ -218,6 +236,7 @@ class GenerateHandler:
         task.add_done_callback(self._cleanups.discard)
 
     async def _cleanup(self, rid: str, cancel: bool) -> None:
+        self.tracer.end(rid)
         await self.close(rid)
         if cancel:
             try:

@@ -14,14 +14,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.messages import DoneEvent, ErrorEvent, Token, TokensEvent, stream_event_adapter
 from shared.settings import Settings
 
@@ -197,10 +197,14 @@ class Relayed:
 
 
 async def events(
-    queue: asyncio.Queue[Event], clock: Clock, timeout_s: float, relayed: Relayed | None = None
+    queue: asyncio.Queue[Event],
+    clock: Clock,
+    timeout_s: float,
+    relayed: Relayed | None = None,
+    mark: Callable[[str], None] = lambda hop: None,
 ) -> AsyncIterator[Event]:
     """A request's events until its terminal one, each token once, with client-side timings on
-    the done event."""
+    the done event. `mark` records the relay's hops (shared/tracing.py)."""
     relayed = relayed or Relayed()
     deadline = clock.accepted + timeout_s
     while True:
@@ -214,6 +218,8 @@ async def events(
             if fresh is None:
                 continue
             event = fresh
+            if clock.first_token is None:
+                mark(tracing.API_FIRST_RELAY)
             _time_tokens(clock, len(event.tokens))
             if event.published_at is not None:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event.published_at))
@@ -224,6 +230,7 @@ async def events(
             metrics.CLIENT_E2E.observe(now - clock.accepted)
             event.timings.ttft_ms = clock.ms(clock.first_token or now)
             event.timings.e2e_ms = clock.ms(now)
+        mark(tracing.API_DONE)
         yield event
         return
 

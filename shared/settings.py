@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     vector_db_monthly_usd: float = Field(75.0, ge=0)
     storage_monthly_usd: float = Field(35.0, ge=0)
 
+    # Tracing (shared/tracing.py): every hop of a request is kept this long in Redis for
+    # `sluice trace ID`; 0 records none. An OTLP/HTTP collector (e.g. http://otel:4318) also
+    # gets them as OpenTelemetry spans; unset, nothing is exported.
+    trace_ttl_s: int = Field(3600, ge=0)
+    otel_endpoint: str | None = None
+
     # API
     host: str = "127.0.0.1"
     port: int = 8000

@@ -24,6 +24,7 @@ from shared import devstack
 from shared.devstack import LocalStack
 from shared.models import prepare_default_model
 from shared.settings import Settings
+from tests.otlp_receiver import Receiver
 
 LOG_DIR = Path(__file__).resolve().parent.parent / ".run" / "test-logs"
 
@@ -124,8 +125,18 @@ def greedy_reference(model_ready: None, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def stack(services: Services, greedy_reference: dict[str, str]) -> Iterator[LocalStack]:
-    settings = make_settings(services, port=devstack.free_port())
+def otlp() -> Iterator[Receiver]:
+    """Where the shared stack exports its spans (tests/test_tracing_e2e.py)."""
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    services: Services, greedy_reference: dict[str, str], otlp: Receiver
+) -> Iterator[LocalStack]:
+    settings = make_settings(services, port=devstack.free_port(), otel_endpoint=otlp.url)
     s = LocalStack(settings, LOG_DIR)
     s.start_worker()
     s.start_ingestion()

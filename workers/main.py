@@ -33,12 +33,13 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import kafka, metrics
+from shared import kafka, metrics, tracing
 from shared import redis as sredis
 from shared.kafka import KafkaLost
 from shared.ledger import Ledger
 from shared.messages import GenerationRequest, Heartbeat
 from shared.settings import Settings
+from shared.tracing import Tracer
 from workers import cancel, engines
 from workers.cancel import Running, StopReason
 from workers.cost import CostMeter
@@ -75,7 +76,8 @@ class Worker:
         self.redis = redis
         self.producer = producer
         self.owners = Owners(redis, settings)
-        self.publisher = Publisher(redis, settings, self.owners, self._fenced)
+        self.tracer = Tracer(settings, redis, "sluice-worker")
+        self.publisher = Publisher(redis, settings, self.owners, self._fenced, self.tracer)
         self.cost = CostMeter(settings, engine.model)
         self.ledger = Ledger(redis, settings)
         s = settings
@@ -114,6 +116,7 @@ class Worker:
         await self.owners.release(await self.owners.mine())
         background = [
             asyncio.create_task(self.publisher.run()),
+            asyncio.create_task(self.tracer.run()),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._take_over()),
             asyncio.create_task(sample_utilization(self.engine, self.cost)),
@@ -153,6 +156,7 @@ class Worker:
             except Exception as e:
                 log.warning("last ledger flush failed, %s", e)
             await sredis.delete_heartbeat(self.redis, self.settings, self.settings.worker_id)
+            self.tracer.shutdown()
         if self._fatal is not None:
             raise self._fatal
         if self._lost is not None:
@@ -222,6 +226,8 @@ class Worker:
             max(0.0, time.time() - request.enqueued_at)
         )
         rid = request.request_id
+        self.tracer.start(rid, tracing.header(record.headers), "sluice.worker.request")
+        self.tracer.hop(rid, tracing.WORKER_PICKED, partition=tp.partition, offset=record.offset)
         try:
             state, owner = await self.owners.claim_new(
                 request, feed.name, tp.topic, tp.partition, record.offset
@@ -234,6 +240,8 @@ class Worker:
             # or ran, elsewhere. Commit it once it is done, never run a second copy.
             log.info("%s is %s under %s: not running it again", rid, state, owner)
             metrics.REDELIVERED.labels(state).inc()
+            self.tracer.hop(rid, "worker.redelivered", state=state, owner=owner or "")
+            self.tracer.end(rid)
             feed.watch(self.owners, tp, record.offset, rid)
             return
         self._start(Claim(request, 1, feed.name, tp.topic, tp.partition, record.offset), feed, tp)
@@ -254,6 +262,7 @@ class Worker:
         feed, claim = running.feed, running.claim
         feed.tasks.discard(task)
         self._freed.set()
+        self.tracer.end(claim.request.request_id)
         exc = None if task.cancelled() else task.exception()
         if isinstance(exc, EngineDead):  # still held: _recover charges and releases it
             if self._recovery is None:
@@ -279,6 +288,7 @@ class Worker:
         if running is None:
             return
         if not lost:
+            self.tracer.hop(request_id, "worker.fenced")
             running.fence()
         elif request_id not in self._reclaiming:
             self._reclaiming.add(request_id)
@@ -308,6 +318,8 @@ class Worker:
     async def _continue(self, claim: Claim, feed: Feed) -> None:
         rid = claim.request.request_id
         metrics.TAKEOVERS.labels(feed.name).inc()
+        self.tracer.start(rid, name="sluice.worker.takeover")
+        self.tracer.hop(rid, "worker.took_over", epoch=claim.epoch, after=len(claim.emitted))
         if reason := self.owners.parked_reason(claim):
             await self._park(claim, feed, reason)
             return
@@ -329,6 +341,8 @@ class Worker:
         )  # fmt: skip
         running = Running(claim, feed)
         await self._sink(running).failed(reason)
+        self.tracer.hop(request.request_id, "worker.parked", reason=reason)
+        self.tracer.end(request.request_id)
 
     def cancel(self, request_id: str) -> None:
         """A Cancel arrived; every worker hears it, the one holding the request stops it."""
@@ -385,6 +399,8 @@ class Worker:
         try:
             await self.publisher.flush()  # what was generated is what the next worker keeps
             await self.owners.release([r.request.request_id for r in unfinished])
+            for r in unfinished:
+                self.tracer.hop(r.request.request_id, "worker.handed_over")
             log.warning("handed %d unfinished requests over to other workers", len(unfinished))
         except RedisError as e:  # they are found anyway: their owner has no heartbeat
             log.error("handing requests over failed: %s", e)
@@ -485,6 +501,7 @@ class Worker:
         try:
             async with running.stoppable():
                 running.in_engine = True
+                self.tracer.hop(rid, tracing.ENGINE_SUBMITTED, resume=len(resume))
                 stream = self.engine.generate(
                     running.request, priority=running.feed.priority, resume=resume
                 )
@@ -498,6 +515,11 @@ class Worker:
                     self.cost.tokens(rid, delta.num_tokens + prefilled)
                     if p.first_token_at is None:
                         p.first_token_at = time.time()
+                        if delta.scheduled_at is not None:
+                            self.tracer.hop(rid, tracing.ENGINE_SCHEDULED, delta.scheduled_at)
+                        if delta.sampled_at is not None:
+                            self.tracer.hop(rid, tracing.ENGINE_FIRST_TOKEN, delta.sampled_at)
+                        self.tracer.hop(rid, tracing.WORKER_FIRST_TOKEN, p.first_token_at)
                     spent = self.cost.spent(rid)
                     sink.tokens(p.completion_tokens, delta.text, delta.token_ids, spent - reported)
                     running.ids.extend(delta.token_ids)

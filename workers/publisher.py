@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from shared import tracing
 from shared.messages import DoneEvent, ErrorEvent, Token, TokensEvent
 from shared.settings import Settings
+from shared.tracing import Tracer
 from workers.ownership import Owners, publish_args
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,11 @@ class Publisher:
         settings: Settings,
         owners: Owners,
         on_fenced: Callable[[str, bool], None],
+        tracer: Tracer | None = None,
     ) -> None:
         self._redis = redis
+        self._tracer = tracer or Tracer(settings, None, "sluice-worker")
+        self._started: set[str] = set()  # requests whose first tokens are out
         self._settings = settings
         self._owners = owners
         self._on_fenced = on_fenced
@@ -133,6 +138,7 @@ class Publisher:
                 self._put_back(request_id, p)
             await asyncio.sleep(0.5)
             return
+        self._trace(batch, results, now)
         for (request_id, p), outcome in zip(batch.items(), results, strict=True):
             if outcome == LOST:  # Redis lost the record: its owner writes it again, then retry
                 self._put_back(request_id, p)
@@ -143,6 +149,20 @@ class Publisher:
                 self._on_fenced(request_id, False)
             if p.published is not None and not p.published.done():
                 p.published.set_result(outcome == PUBLISHED)
+
+    def _trace(self, batch: dict[str, _Pending], results: list[int], sent: float) -> None:
+        """The hops of what this flush published, at the time it was sent: Redis hands pub/sub
+        messages out before its reply to us, so a later clock could come after the API's."""
+        for (request_id, p), outcome in zip(batch.items(), results, strict=True):
+            if outcome != PUBLISHED:
+                self._started.discard(request_id)
+                continue
+            if p.tokens and request_id not in self._started:
+                self._started.add(request_id)
+                self._tracer.hop(request_id, tracing.REDIS_FIRST_PUBLISH, sent, index=p.first_index)
+            if p.terminal is not None:
+                self._started.discard(request_id)
+                self._tracer.hop(request_id, tracing.WORKER_DONE, sent, event=p.terminal.type)
 
     def _put_back(self, request_id: str, p: _Pending) -> None:
         """Ahead of anything queued for the request since."""

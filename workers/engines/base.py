@@ -21,6 +21,10 @@ class Delta:
     prompt_tokens: int
     finish_reason: str | None = None
     token_ids: tuple[int, ...] = ()  # the new tokens' ids: what a takeover continues from
+    # Wall times the engine first scheduled the request and sampled its first token, when the
+    # engine keeps them (for the request's trace)
+    scheduled_at: float | None = None
+    sampled_at: float | None = None
 
 
 class RequestRejected(ValueError):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -79,14 +80,21 @@ class VllmEngine:
             # first text is decoded in the context of what the client already has.
             prompt = TokensPrompt(prompt_token_ids=ids + resume)
             stream = self._llm.generate(prompt, params, request.request_id, priority=priority)
+            first = True
             async for out in stream:
                 completion = out.outputs[0]
+                scheduled_at = sampled_at = None
+                if first and out.metrics is not None:
+                    scheduled_at, sampled_at = _wall_times(out.metrics)
+                first = False
                 yield Delta(
                     text=completion.text,
                     num_tokens=len(completion.token_ids),
                     prompt_tokens=len(ids),
                     finish_reason=completion.finish_reason,
                     token_ids=tuple(completion.token_ids),
+                    scheduled_at=scheduled_at,
+                    sampled_at=sampled_at,
                 )
         except EngineDeadError as e:
             raise EngineDead(str(e)) from e
@@ -103,6 +111,15 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _wall_times(stats: Any) -> tuple[float | None, float | None]:
+    """vLLM's engine core stamps a request with CLOCK_MONOTONIC, which is one clock for every
+    process of the host: when it was first scheduled and sampled its first token, as wall time."""
+    offset = time.time() - time.monotonic()
+    scheduled = getattr(stats, "scheduled_ts", 0.0)
+    sampled = getattr(stats, "first_token_ts", 0.0)
+    return (scheduled + offset if scheduled else None, sampled + offset if sampled else None)
 
 
 def _kill_engine_processes() -> None:
