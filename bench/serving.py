@@ -1,13 +1,18 @@
-"""Serving benchmark: one streaming workload, two paths, measured side by side in one run.
+"""Serving benchmark: one streaming workload, up to three paths, side by side in one run.
 
 - `sluice`: HTTP clients streaming SSE from the API (API -> Kafka -> worker -> vLLM -> Redis).
 - `direct`: the same `VllmEngine` the worker uses, in this process, no queue, no network.
+- `vllm-serve`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`,
+  same venv, engine arguments and prompts), streaming `/v1/completions`.
 
-Rounds alternate the two paths so that drift on a noisy machine hits both alike. Reports TTFT,
+Rounds alternate the paths so that drift on a noisy machine hits all alike. Reports TTFT,
 inter-token latency (ITL, gaps between tokens as the client receives them), time per output
 token (TPOT) and end-to-end latency percentiles, and output tokens/s (median over rounds).
+For the sluice path it also reads every request's trace (shared/tracing.py) and reports where
+TTFT went, hop by hop, for all requests and for the slowest ones.
 
     sluice bench [--concurrency 16] [--requests 48] [--max-tokens 64] [--rounds 3]
+                 [--paths direct sluice vllm-serve]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import itertools
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +35,7 @@ from pathlib import Path
 import httpx
 from httpx_sse import aconnect_sse
 
+from bench import hops
 from shared import devstack
 from shared.messages import GenerationRequest, SamplingOptions
 from shared.models import prepare_default_model
@@ -47,6 +54,9 @@ class Sample:
     tokens: int
     gaps: list[float] = field(default_factory=list)
     queue_ms: float = 0.0  # Kafka: produced by the API -> picked up by a worker (sluice only)
+    request_id: str | None = None  # sluice only: its trace
+    sent_at: float = 0.0  # wall clock, to place the client in the request's trace
+    first_at: float = 0.0
 
 
 @dataclass
@@ -89,7 +99,7 @@ def sluice_client(http: httpx.AsyncClient, max_tokens: int) -> OneRequest:
         }
         arrivals: list[float] = []
         queue_ms = 0.0
-        start = time.perf_counter()
+        sent_at, start = time.time(), time.perf_counter()
         async with aconnect_sse(http, "POST", "/generate", json=body) as source:
             source.response.raise_for_status()
             async for sse in source.aiter_sse():
@@ -101,7 +111,33 @@ def sluice_client(http: httpx.AsyncClient, max_tokens: int) -> OneRequest:
                     raise RuntimeError(sse.data)
         sample = _sample(start, arrivals)
         sample.queue_ms = queue_ms
+        sample.request_id = source.response.headers["x-request-id"]
+        sample.sent_at, sample.first_at = sent_at, sent_at + sample.ttft
         return sample
+
+    return one
+
+
+def vllm_serve_client(http: httpx.AsyncClient, model: str, max_tokens: int) -> OneRequest:
+    async def one(prompt: str) -> Sample:
+        body = {
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }  # fmt: skip
+        arrivals: list[float] = []
+        start = time.perf_counter()
+        async with aconnect_sse(http, "POST", "/v1/completions", json=body) as source:
+            source.response.raise_for_status()
+            async for sse in source.aiter_sse():
+                if sse.data == "[DONE]":
+                    break
+                chunk = json.loads(sse.data)
+                # Cumulative usage on every chunk: exact token counts however they are grouped.
+                new = chunk["usage"]["completion_tokens"] - len(arrivals)
+                if chunk["choices"] and new > 0:
+                    arrivals.extend([time.perf_counter()] * new)
+        return _sample(start, arrivals)
 
     return one
 
@@ -169,15 +205,21 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-async def bench(args: argparse.Namespace, stack_url: str, settings: Settings) -> dict:
+async def bench(
+    args: argparse.Namespace, stack_url: str, settings: Settings, serve_url: str | None
+) -> dict:
     from workers.engines.vllm import VllmEngine
 
     engine = VllmEngine.start(settings) if "direct" in args.paths else None
     try:
-        async with httpx.AsyncClient(base_url=stack_url, timeout=600) as http:
+        async with (
+            httpx.AsyncClient(base_url=stack_url, timeout=600) as http,
+            httpx.AsyncClient(base_url=serve_url or stack_url, timeout=600) as serve,
+        ):
             clients = {
                 "direct": lambda: direct_client(engine, args.max_tokens),
                 "sluice": lambda: sluice_client(http, args.max_tokens),
+                "vllm-serve": lambda: vllm_serve_client(serve, settings.model, args.max_tokens),
             }
             paths = {name: clients[name]() for name in args.paths}
             for name, one in paths.items():  # warm-up, not measured
@@ -208,10 +250,20 @@ async def bench(args: argparse.Namespace, stack_url: str, settings: Settings) ->
             n: [max(s.ttft for s in r.samples) * 1000 for r in rs] for n, rs in rounds.items()
         },
     }
-    if len(results) == 2:
-        d, s = results["direct"], results["sluice"]
-        report["throughput_ratio"] = s["tokens_per_s"] / d["tokens_per_s"]
-        report["ttft_added_p50_ms"] = s["ttft_ms_p50"] - d["ttft_ms_p50"]
+    if "sluice" in rounds:
+        samples = [x for r in rounds["sluice"] for x in r.samples]
+        report["hops"] = await hops.breakdown(settings, samples)
+    s = results.get("sluice")
+    for other in ("direct", "vllm-serve"):
+        if s is None or other not in results:
+            continue
+        o = results[other]
+        report.setdefault("vs", {})[other] = {
+            "throughput_ratio": s["tokens_per_s"] / o["tokens_per_s"],
+            "ttft_added_p50_ms": s["ttft_ms_p50"] - o["ttft_ms_p50"],
+            "ttft_added_p99_ms": s["ttft_ms_p99"] - o["ttft_ms_p99"],
+            "ttft_p99_ratio": s["ttft_ms_p99"] / o["ttft_ms_p99"],
+        }
     return report
 
 
@@ -226,15 +278,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--paths", nargs="+", choices=["direct", "sluice"], default=["direct", "sluice"]
-    )
+        "--paths", nargs="+", choices=["direct", "sluice", "vllm-serve"],
+        default=["direct", "sluice"],
+    )  # fmt: skip
     parser.add_argument("--pause-s", type=float, default=0.0, help="idle time after each round")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
 
-    with bench_stack("serving") as stack:
+    with bench_stack("serving") as stack, vllm_server(stack, "vllm-serve" in args.paths) as url:
         settings = stack.settings
-        report = asyncio.run(bench(args, stack.url, settings))
+        report = asyncio.run(bench(args, stack.url, settings, url))
     report["config"] = {
         **vars(args),
         "out": str(args.out),
@@ -244,20 +297,62 @@ def main(argv: list[str] | None = None) -> None:
     }
     print()
     print(markdown(report["results"]))
-    if "throughput_ratio" in report:
+    for other, v in report.get("vs", {}).items():
         print(
-            f"\nthroughput ratio sluice/direct: {report['throughput_ratio']:.3f}; "
-            f"p50 TTFT added: {report['ttft_added_p50_ms']:.1f} ms"
+            f"\nsluice vs {other}: throughput ratio {v['throughput_ratio']:.3f}; TTFT added "
+            f"p50 {v['ttft_added_p50_ms']:.1f} ms, p99 {v['ttft_added_p99_ms']:.1f} ms; "
+            f"TTFT p99 ratio {v['ttft_p99_ratio']:.2f}"
         )
+    if "hops" in report:
+        print("\n" + hops.markdown(report["hops"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 
 
 @contextlib.contextmanager
-def bench_stack(name: str, **overrides: object) -> Iterator[devstack.LocalStack]:
-    """A broker of its own, one vLLM worker and the API, on a fresh Redis prefix and with auth
-    off (the benchmarks measure serving, not keys), and any other settings `overrides`; all of
-    it stops on exit."""
+def vllm_server(stack: devstack.LocalStack, wanted: bool) -> Iterator[str | None]:
+    """vLLM's own OpenAI server on the stack's engine arguments, or nothing if not `wanted`."""
+    if not wanted:
+        yield None
+        return
+    from workers.engines.vllm import engine_args
+
+    port = devstack.free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port)]
+    for key, value in engine_args(stack.settings).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    log = stack.log_dir / "vllm-serve.log"
+    proc = devstack.spawn(argv, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve did not start; see {log}")
+            time.sleep(1)
+        yield url
+    finally:
+        devstack.stop(proc)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def bench_stack(
+    name: str, cpus: tuple[int | None, ...] = (None,), **overrides: object
+) -> Iterator[devstack.LocalStack]:
+    """A broker of its own, the API and a vLLM worker per entry of `cpus`, on a fresh Redis
+    prefix and with auth off (the benchmarks measure serving, not keys), and any other settings
+    `overrides`; all of it stops on exit."""
     base = Settings()
     prepare_default_model(base)
     log_dir = Path(tempfile.mkdtemp(prefix=f"sluice-bench-{name}-"))
@@ -270,7 +365,8 @@ def bench_stack(name: str, **overrides: object) -> Iterator[devstack.LocalStack]
     })  # fmt: skip
     stack = devstack.LocalStack(settings, log_dir)
     try:
-        stack.start_worker()
+        for cpu in cpus:  # a worker per entry, its engine bound to that core if one is given
+            stack.start_worker(cpu)
         stack.start_api()
         stack.wait_ready()
         yield stack

@@ -64,7 +64,7 @@ def start_broker(port: int, log_path: Path) -> subprocess.Popen[bytes]:
         "--advertised-listener-url", url,
         "--storage-engine", "memory://tansu/",
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path)
+    proc = spawn(cmd, log_path)
     wait_port("127.0.0.1", port)
     return proc
 
@@ -74,7 +74,7 @@ def start_redis(port: int, log_path: Path) -> subprocess.Popen[bytes]:
     if server is None:
         raise RuntimeError("no Redis is listening and `redis-server` is not installed")
     cmd = [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    proc = _spawn(cmd, log_path)
+    proc = spawn(cmd, log_path)
     wait_port("127.0.0.1", port)
     return proc
 
@@ -87,12 +87,12 @@ def start_milvus(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen[
         sys.executable, "-m", "milvus_lite", "server",
         "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path)
+    proc = spawn(cmd, log_path)
     wait_port("127.0.0.1", port, timeout_s=60)
     return proc
 
 
-def _spawn(
+def spawn(
     cmd: list[str], log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def _spawn(
 def spawn_sluice(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start `sluice ARGS...` (a worker or the API) as its own process."""
     sluice = shutil.which("sluice", path=os.path.dirname(sys.executable)) or "sluice"
-    return _spawn([sluice, *args], log_path, {**os.environ, **env})
+    return spawn([sluice, *args], log_path, {**os.environ, **env})
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
