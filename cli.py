@@ -11,8 +11,8 @@ sluice batch submit FILE.jsonl [--wait] | collect [--ids F.ids] [--out F.jsonl] 
 sluice trace REQUEST_ID [--json]   every hop of one request: when and where it waited
 sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
 sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv,
-                             rag, cost, flood, priority, failover (docs/BENCHMARKS.md;
-                             `sluice bench NAME --help`)
+                             rag, cost, flood, priority, failover, first-step
+                             (docs/BENCHMARKS.md; `sluice bench NAME --help`)
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ async def _keys_action(args: argparse.Namespace, redis: Redis, settings: Setting
 
 BENCHMARKS = (
     "serving", "engines", "precision", "prefix", "kv", "rag", "cost", "flood", "priority",
-    "failover",
+    "failover", "first-step",
 )  # fmt: skip
 
 
@@ -306,7 +306,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     rest = args.rest
     name = rest.pop(0) if rest and rest[0] in BENCHMARKS else "serving"
-    importlib.import_module(f"bench.{name}").main(rest)
+    importlib.import_module(f"bench.{name.replace('-', '_')}").main(rest)
 
 
 def _batch(args: argparse.Namespace) -> None:

@@ -127,9 +127,9 @@ class GenerateHandler:
     async def _submit(self, message: GenerationRequest) -> asyncio.Queue[Event]:
         """Listen first, then enqueue: the first token can never beat the subscription."""
         rid = message.request_id
+        queue = await self.hub.open(rid)
         traceparent = self.tracer.start(rid, name="sluice.api.request")
         self.tracer.hop(rid, tracing.API_ACCEPTED)
-        queue = await self.hub.open(rid)
         try:
             sent = await self.producer.send_and_wait(
                 self.settings.requests_topic,

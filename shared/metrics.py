@@ -76,7 +76,7 @@ REDELIVERED = Counter(
     ["state"],
 )
 # From the consumer's own fetch responses (highwater) and position, not from ListOffsets: that
-# is right on the dev broker too, where ListOffsets(latest) is not (../shared/STACK.md).
+# is right on the dev broker too, whose ListOffsets(latest) answers wrong.
 KAFKA_LAG = Gauge(
     "sluice_kafka_consumer_lag",
     "Records in the partition this consumer has not fetched yet (highwater - position)",

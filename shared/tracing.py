@@ -40,7 +40,7 @@ _TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$"
 
 # The request path's hops, in the order a request meets them; takeovers, fencing and
 # dead-lettering add their own (`worker.took_over`, `worker.fenced`, ...).
-API_ACCEPTED = "api.accepted"  # the request passed validation and admission
+API_ACCEPTED = "api.accepted"  # validated, admitted, its stream subscribed
 KAFKA_PRODUCED = "kafka.produced"  # the broker acknowledged the message
 WORKER_PICKED = "worker.picked"  # a worker took the record from Kafka
 ENGINE_SUBMITTED = "engine.submitted"  # handed to the engine
