@@ -201,6 +201,9 @@ class Heartbeat(_Wire):
     lag: int = 0
     # False for a batch-only worker: it adds nothing to the capacity interactive requests see.
     interactive: bool = True
+    # The requests topic's partitions its consumer holds now (empty while its group
+    # rebalances): the ones no live worker lists are read by the others (workers/rescue.py).
+    partitions: list[int] = Field(default_factory=list)
 
 
 # --- Ingestion: the message on `sluice.ingest` (keyed by doc_id, so one document's versions

@@ -5,11 +5,14 @@ worker's streams continue elsewhere, token-exact, is proven in tests/test_reliab
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 
+from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from shared import ledger
+from shared import ledger, tracing
 from shared import redis as sredis
 from shared.kafka import ensure_topics
 from shared.messages import DoneEvent, ErrorEvent, Heartbeat, Token, TokensEvent
@@ -205,3 +208,100 @@ async def test_a_drained_worker_hands_its_requests_over_at_the_drain_bound(
     assert isinstance(collected[-1], DoneEvent) and collected[-1].usage.completion_tokens == 400
     resumed = staying.resumed[rid]
     assert 0 < len(resumed) < 400 and resumed == list(range(len(resumed)))
+
+
+# A consumer in the workers' group, in a process of its own so that it can die without leaving
+# the group: it prints the partitions it was given and then holds them, reading nothing.
+GHOST_MEMBER = """
+import asyncio, json, sys
+from aiokafka import AIOKafkaConsumer
+
+async def main():
+    kafka, topic, group = sys.argv[1:4]
+    c = AIOKafkaConsumer(topic, bootstrap_servers=kafka, group_id=group,
+                         enable_auto_commit=False, session_timeout_ms=10000,
+                         heartbeat_interval_ms=1000)
+    await c.start()
+    while not c.assignment():
+        await c.getmany(timeout_ms=200)
+    c.pause(*c.assignment())
+    print(json.dumps(sorted(tp.partition for tp in c.assignment())), flush=True)
+    while True:
+        await c.getmany(timeout_ms=500)
+
+asyncio.run(main())
+"""
+
+
+async def beat_partitions(redis: Redis, settings: Settings, worker_id: str) -> list[int] | None:
+    raw = await redis.hget(settings.heartbeats_key, worker_id)
+    return None if raw is None else Heartbeat.model_validate_json(raw).partitions
+
+
+async def picked_outside_the_group(redis: Redis, settings: Settings, rid: str) -> bool:
+    for _ in range(20):  # hops reach Redis every 0.2 s (shared/tracing.py)
+        hops = await tracing.timeline(redis, settings, rid)
+        picked = [h for h in hops if h["hop"] == tracing.WORKER_PICKED]
+        if picked:
+            return bool(picked[0].get("rescued"))
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_requests_on_a_dead_members_partitions_are_served_before_the_group_rebalances(
+    services: Services,
+) -> None:
+    """A worker dies holding partitions: Kafka gives them to a live worker only after its
+    session times out and the group rebalances. Requests sent there meanwhile are read outside
+    the group (workers/rescue.py) and served at once, then committed, once, by the partition's
+    next owner."""
+    settings = as_worker(make_settings(services, requests_partitions=4), "live")
+    redis = Redis.from_url(settings.redis)
+    engine = FakeEngine(token_delay_s=0.01)
+    async with worker(settings, engine):
+        deadline = time.monotonic() + 60
+        while await beat_partitions(redis, settings, "live") != [0, 1, 2, 3]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        ghost = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", GHOST_MEMBER, settings.kafka, settings.requests_topic,
+            settings.consumer_group, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert ghost.stdout is not None
+        held = json.loads(await asyncio.wait_for(ghost.stdout.readline(), 60))
+        assert held and len(held) < 4
+        beat = Heartbeat(
+            worker_id="ghost", engine="fake", model="m", in_flight=0, ts=time.time(),
+            partitions=held,
+        )  # fmt: skip
+        await sredis.write_heartbeat(redis, settings, beat)
+        while sorted(set(range(4)) - set(held)) != await beat_partitions(redis, settings, "live"):
+            assert time.monotonic() < deadline, "the group did not settle"
+            await asyncio.sleep(0.2)
+        ghost.kill()  # SIGKILL: no LeaveGroup; its session lives on for 10 s
+        await ghost.wait()
+        beat.ts = time.time() - 60  # and its heartbeats stop
+        await sredis.write_heartbeat(redis, settings, beat)
+
+        requests = {p: req(max_tokens=5) for p in held}
+        events = await listen(settings, [r.request_id for r in requests.values()])
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka)
+        await producer.start()
+        for p, r in requests.items():
+            await producer.send_and_wait(
+                settings.requests_topic, r.model_dump_json().encode(), partition=p
+            )
+        await producer.stop()
+        served_while_held: dict[str, list[int] | None] = {}
+        async for rid, event in events:
+            if isinstance(event, TokensEvent) and rid not in served_while_held:
+                served_while_held[rid] = await beat_partitions(redis, settings, "live")
+        # Each request had its first token while the live worker did not hold its partition
+        # in the group yet: it was read outside the group.
+        for p, r in requests.items():
+            assert p not in (served_while_held[r.request_id] or []), served_while_held
+            assert await picked_outside_the_group(redis, settings, r.request_id)
+        # Once the group gives it those partitions, it commits each record, run once.
+        await wait_committed(settings, len(held), timeout_s=60)
+        assert sorted(engine.generated) == sorted(r.request_id for r in requests.values())
+    await redis.aclose()

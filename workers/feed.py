@@ -46,6 +46,9 @@ class Feed:
     taken: dict[TopicPartition, int] = field(default_factory=dict)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     reassigned: bool = False
+    # Partitions this consumer holds in its group now: none from the start of a rebalance
+    # (revocation) to its end, although aiokafka's assignment() still lists the old ones.
+    holding: set[TopicPartition] = field(default_factory=set)
 
     @property
     def batch(self) -> bool:
@@ -125,6 +128,7 @@ class Rebalance(ConsumerRebalanceListener):
         self._feed = feed
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._feed.holding = set()
         # Commit what finished while we still own it; the rest is redelivered to the new owner.
         try:
             await self._feed.commit()
@@ -134,6 +138,7 @@ class Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._feed.reassigned = True
+        self._feed.holding = set(assigned)
         log.info(
             "%s: assigned %s",
             self._feed.name,

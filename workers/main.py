@@ -48,6 +48,7 @@ from workers.feed import Feed
 from workers.gpu import register_gpu_metrics
 from workers.ownership import Claim, Owners, resumable
 from workers.publisher import Publisher
+from workers.rescue import Rescue, uncovered
 from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
 from workers.utilization import sample_utilization
@@ -94,6 +95,7 @@ class Worker:
                 s.batch_dlq_topic, BATCH,
             )  # fmt: skip
         self.feeds = [f for f in (self.interactive, self.batch) if f is not None]
+        self.rescue = None if consumer is None else Rescue(settings, s.requests_topic)
         self.held: dict[str, Running] = {}  # request id -> the request being served
         self._reclaiming: set[str] = set()
         self._suspects = asyncio.Semaphore(1)  # requests an engine died with run one at a time
@@ -157,6 +159,9 @@ class Worker:
                 log.warning("last ledger flush failed, %s", e)
             await sredis.delete_heartbeat(self.redis, self.settings, self.settings.worker_id)
             self.tracer.shutdown()
+            if self.rescue is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.rescue.stop(), CLOSE_TIMEOUT_S)
         if self._fatal is not None:
             raise self._fatal
         if self._lost is not None:
@@ -214,23 +219,31 @@ class Worker:
             await self._accept(feed, tp, record)
         return len(records)
 
-    async def _accept(self, feed: Feed, tp: TopicPartition, record: ConsumerRecord) -> None:
-        feed.offsets.started(tp, record.offset)
+    async def _accept(self, feed: Feed, tp: TopicPartition | None, record: ConsumerRecord) -> None:
+        """Claim and start a request read from Kafka. `tp` is None for one read outside the
+        group (workers/rescue.py): the partition's owner in the group commits it, or
+        dead-letters it if it is bad."""
+        if tp is not None:
+            feed.offsets.started(tp, record.offset)
         try:
             request = GenerationRequest.model_validate_json(record.value or b"")
         except ValidationError as e:
-            await kafka.dead_letter(self.producer, feed.dlq_topic, record, _reason(e))
-            feed.offsets.finished(tp, record.offset)
+            if tp is not None:
+                await kafka.dead_letter(self.producer, feed.dlq_topic, record, _reason(e))
+                feed.offsets.finished(tp, record.offset)
             return
         metrics.KAFKA_QUEUE_TIME.labels(record.topic).observe(
             max(0.0, time.time() - request.enqueued_at)
         )
         rid = request.request_id
         self.tracer.start(rid, tracing.header(record.headers), "sluice.worker.request")
-        self.tracer.hop(rid, tracing.WORKER_PICKED, partition=tp.partition, offset=record.offset)
+        self.tracer.hop(
+            rid, tracing.WORKER_PICKED, partition=record.partition, offset=record.offset,
+            rescued=tp is None,
+        )  # fmt: skip
         try:
             state, owner = await self.owners.claim_new(
-                request, feed.name, tp.topic, tp.partition, record.offset
+                request, feed.name, record.topic, record.partition, record.offset
             )
         except RedisError as e:  # run it: its first publish writes the record (reclaim)
             log.warning("ownership of %s unknown (%s): running it", rid, e)
@@ -242,9 +255,11 @@ class Worker:
             metrics.REDELIVERED.labels(state).inc()
             self.tracer.hop(rid, "worker.redelivered", state=state, owner=owner or "")
             self.tracer.end(rid)
-            feed.watch(self.owners, tp, record.offset, rid)
+            if tp is not None:
+                feed.watch(self.owners, tp, record.offset, rid)
             return
-        self._start(Claim(request, 1, feed.name, tp.topic, tp.partition, record.offset), feed, tp)
+        claim = Claim(request, 1, feed.name, record.topic, record.partition, record.offset)
+        self._start(claim, feed, tp)
 
     def _start(self, claim: Claim, feed: Feed, tp: TopicPartition | None) -> None:
         """Serve a request this worker owns; `tp` is None for one taken over from another
@@ -312,8 +327,25 @@ class Worker:
                     claim = await self.owners.claim_orphan(rid, feeds)
                     if claim is not None:
                         await self._continue(claim, by_name[claim.feed])
+                await self._rescue(self.settings.max_in_flight - self.in_flight)
             except Exception:  # Redis or Kafka down: this loop must outlive it
                 log.exception("takeover round failed; trying again")
+
+    async def _rescue(self, room: int) -> None:
+        """Take requests from partitions no live worker consumes (workers/rescue.py)."""
+        if self.rescue is None or self.interactive is None:
+            return
+        consumer, topic = self.interactive.consumer, self.interactive.topic
+        if self._recovery is not None or self.stopping.is_set():
+            room = 0
+        beats = await sredis.live_workers(self.redis, self.settings)
+        now, limit = time.time(), self.settings.worker_dead_after_s
+        others = [b for b in beats if b.worker_id != self.owners.me and now - b.ts < limit]
+        partitions = consumer.partitions_for_topic(topic) or set()
+        mine = {tp.partition for tp in self.interactive.holding}
+        await self.rescue.cover(uncovered(partitions, others, mine) if room > 0 else set())
+        for record in await self.rescue.take(room):
+            await self._accept(self.interactive, None, record)
 
     async def _continue(self, claim: Claim, feed: Feed) -> None:
         rid = claim.request.request_id
@@ -549,6 +581,7 @@ class Worker:
                 ts=time.time(),
                 lag=metrics.reported_lag(self.settings.requests_topic) if interactive else 0,
                 interactive=interactive,
+                partitions=self._partitions(),
             )
             try:
                 await sredis.write_heartbeat(self.redis, self.settings, beat)
@@ -556,6 +589,11 @@ class Worker:
                 log.warning("heartbeat failed: %s", e)
             metrics.IN_FLIGHT.set(self.in_flight)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def _partitions(self) -> list[int]:
+        if self.interactive is None:
+            return []
+        return sorted(tp.partition for tp in self.interactive.holding)
 
 
 def _reason(error: ValidationError) -> str:
