@@ -48,7 +48,7 @@ from workers.feed import Feed
 from workers.gpu import register_gpu_metrics
 from workers.ownership import Claim, Owners, resumable
 from workers.publisher import Publisher
-from workers.rescue import Rescue, uncovered
+from workers.rescue import Rescue
 from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
 from workers.utilization import sample_utilization
@@ -95,7 +95,7 @@ class Worker:
                 s.batch_dlq_topic, BATCH,
             )  # fmt: skip
         self.feeds = [f for f in (self.interactive, self.batch) if f is not None]
-        self.rescue = None if consumer is None else Rescue(settings, s.requests_topic)
+        self.rescue = None if consumer is None else Rescue(settings, redis, s.requests_topic)
         self.held: dict[str, Running] = {}  # request id -> the request being served
         self._reclaiming: set[str] = set()
         self._suspects = asyncio.Semaphore(1)  # requests an engine died with run one at a time
@@ -105,6 +105,7 @@ class Worker:
         self._fatal: BaseException | None = None
         self._recovery: asyncio.Task[None] | None = None  # set while the engine restarts
         self._lost: KafkaLost | None = None
+        self._polling = True  # until the loop ends (a drain, or Kafka lost)
 
     @property
     def in_flight(self) -> int:
@@ -143,6 +144,8 @@ class Worker:
                         self._lost = KafkaLost(f"the broker lost {sorted(gone)}")
             if self._lost is not None:
                 log.error("Kafka lost (%s): finishing what runs, then reconnecting", self._lost)
+            self._polling = False  # say so now: its partitions are read elsewhere meanwhile
+            await self._beat()
             await self._drain()
         finally:
             if self._recovery is not None:
@@ -333,19 +336,15 @@ class Worker:
 
     async def _rescue(self, room: int) -> None:
         """Take requests from partitions no live worker consumes (workers/rescue.py)."""
-        if self.rescue is None or self.interactive is None:
+        feed = self.interactive
+        if self.rescue is None or feed is None:
             return
-        consumer, topic = self.interactive.consumer, self.interactive.topic
-        if self._recovery is not None or self.stopping.is_set():
+        if self._recovery is not None or not self._polling:
             room = 0
-        beats = await sredis.live_workers(self.redis, self.settings)
-        now, limit = time.time(), self.settings.worker_dead_after_s
-        others = [b for b in beats if b.worker_id != self.owners.me and now - b.ts < limit]
-        partitions = consumer.partitions_for_topic(topic) or set()
-        mine = {tp.partition for tp in self.interactive.holding}
-        await self.rescue.cover(uncovered(partitions, others, mine) if room > 0 else set())
-        for record in await self.rescue.take(room):
-            await self._accept(self.interactive, None, record)
+        partitions = feed.consumer.partitions_for_topic(feed.topic) or set()
+        holding = {tp.partition for tp in feed.holding}
+        for record in await self.rescue.round(room, partitions, holding):
+            await self._accept(feed, None, record)
 
     async def _continue(self, claim: Claim, feed: Feed) -> None:
         rid = claim.request.request_id
@@ -571,27 +570,32 @@ class Worker:
         running.in_engine = False
 
     async def _heartbeat(self) -> None:
-        interactive = self.interactive is not None
         while True:
-            beat = Heartbeat(
-                worker_id=self.settings.worker_id,
-                engine=self.engine.name,
-                model=self.engine.model,
-                in_flight=self.in_flight,
-                ts=time.time(),
-                lag=metrics.reported_lag(self.settings.requests_topic) if interactive else 0,
-                interactive=interactive,
-                partitions=self._partitions(),
-            )
-            try:
-                await sredis.write_heartbeat(self.redis, self.settings, beat)
-            except Exception as e:
-                log.warning("heartbeat failed: %s", e)
+            await self._beat()
             metrics.IN_FLIGHT.set(self.in_flight)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
+    async def _beat(self) -> None:
+        interactive = self.interactive is not None
+        beat = Heartbeat(
+            worker_id=self.settings.worker_id,
+            engine=self.engine.name,
+            model=self.engine.model,
+            in_flight=self.in_flight,
+            ts=time.time(),
+            lag=metrics.reported_lag(self.settings.requests_topic) if interactive else 0,
+            interactive=interactive,
+            partitions=self._partitions(),
+        )
+        try:
+            await sredis.write_heartbeat(self.redis, self.settings, beat)
+        except Exception as e:
+            log.warning("heartbeat failed: %s", e)
+
     def _partitions(self) -> list[int]:
-        if self.interactive is None:
+        """What this worker reads in its group; nothing once it stops polling (draining),
+        although it stays a member until it leaves: the others read its partitions meanwhile."""
+        if self.interactive is None or not self._polling:
             return []
         return sorted(tp.partition for tp in self.interactive.holding)
 
