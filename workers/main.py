@@ -40,13 +40,13 @@ from shared.ledger import Ledger
 from shared.messages import GenerationRequest, Heartbeat
 from shared.settings import Settings
 from shared.tracing import Tracer
-from workers import cancel, engines
+from workers import cancel, engines, takeover
 from workers.cancel import Running, StopReason
 from workers.cost import CostMeter
 from workers.engines.base import Engine, EngineDead, RequestRejected
 from workers.feed import Feed
 from workers.gpu import register_gpu_metrics
-from workers.ownership import Claim, Owners, resumable
+from workers.ownership import Claim, Owners
 from workers.publisher import Publisher
 from workers.rescue import Rescue
 from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
@@ -56,7 +56,6 @@ from workers.utilization import sample_utilization
 log = logging.getLogger("sluice.worker")
 
 INTERACTIVE, BATCH = 0, 1  # engine priorities: lower is scheduled sooner
-TAKEOVER_INTERVAL_S = 0.25  # how often to look for dead workers' requests (one HGETALL)
 BATCH_POLL_INTERVAL_MS = 3_600_000
 CLOSE_TIMEOUT_S = 10.0
 
@@ -121,7 +120,7 @@ class Worker:
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self.tracer.run()),
             asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(self._take_over()),
+            asyncio.create_task(takeover.run(self)),
             asyncio.create_task(sample_utilization(self.engine, self.cost)),
             asyncio.create_task(record_usage(self.ledger)),
             asyncio.create_task(
@@ -216,13 +215,26 @@ class Worker:
             pass
 
     async def _take(self, feed: Feed, room: int, timeout_ms: int) -> int:
-        records = await feed.take(min(room, self.settings.poll_max_records), timeout_ms)
+        # A poll waits out a whole group rebalance (seconds on the dev broker); a SIGTERM must
+        # not: the drain bound starts at once (the partitions are read elsewhere meanwhile).
+        take = asyncio.ensure_future(
+            feed.take(min(room, self.settings.poll_max_records), timeout_ms)
+        )
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not take.done():
+            take.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await take
+            return 0
+        records = take.result()
         # Everything taken goes to the engine at once; vLLM batches them continuously.
         for tp, record in records:
-            await self._accept(feed, tp, record)
+            await self.accept(feed, tp, record)
         return len(records)
 
-    async def _accept(self, feed: Feed, tp: TopicPartition | None, record: ConsumerRecord) -> None:
+    async def accept(self, feed: Feed, tp: TopicPartition | None, record: ConsumerRecord) -> None:
         """Claim and start a request read from Kafka. `tp` is None for one read outside the
         group (workers/rescue.py): the partition's owner in the group commits it, or
         dead-letters it if it is bad."""
@@ -262,9 +274,9 @@ class Worker:
                 feed.watch(self.owners, tp, record.offset, rid)
             return
         claim = Claim(request, 1, feed.name, record.topic, record.partition, record.offset)
-        self._start(claim, feed, tp)
+        self.start(claim, feed, tp)
 
-    def _start(self, claim: Claim, feed: Feed, tp: TopicPartition | None) -> None:
+    def start(self, claim: Claim, feed: Feed, tp: TopicPartition | None) -> None:
         """Serve a request this worker owns; `tp` is None for one taken over from another
         worker (its Kafka record is that partition's new owner's to commit)."""
         # Held before anything can await, so a Cancel from now on finds it.
@@ -313,67 +325,11 @@ class Worker:
             task = asyncio.create_task(self.owners.reclaim(running.claim, running.ids))
             task.add_done_callback(lambda _: self._reclaiming.discard(request_id))
 
-    async def _take_over(self) -> None:
-        """Until cancelled: continue the requests of dead workers (and of those that handed
-        theirs over) while this worker has room."""
-        feeds = [f.name for f in self.feeds]
-        by_name = {f.name: f for f in self.feeds}
-        while True:
-            await asyncio.sleep(TAKEOVER_INTERVAL_S)
-            try:
-                if moved := await self.owners.reap():
-                    log.warning("a worker died: %d of its requests to continue", moved)
-                room = self.settings.max_in_flight - self.in_flight
-                if self._recovery is not None:
-                    room = 0
-                for rid in await self.owners.orphans(room) if room > 0 else []:
-                    claim = await self.owners.claim_orphan(rid, feeds)
-                    if claim is not None:
-                        await self._continue(claim, by_name[claim.feed])
-                await self._rescue(self.settings.max_in_flight - self.in_flight)
-            except Exception:  # Redis or Kafka down: this loop must outlive it
-                log.exception("takeover round failed; trying again")
-
-    async def _rescue(self, room: int) -> None:
-        """Take requests from partitions no live worker consumes (workers/rescue.py)."""
-        feed = self.interactive
-        if self.rescue is None or feed is None:
-            return
+    def room(self) -> int:
+        """Requests this worker may still take: none while its engine restarts or it drains."""
         if self._recovery is not None or not self._polling:
-            room = 0
-        partitions = feed.consumer.partitions_for_topic(feed.topic) or set()
-        holding = {tp.partition for tp in feed.holding}
-        for record in await self.rescue.round(room, partitions, holding):
-            await self._accept(feed, None, record)
-
-    async def _continue(self, claim: Claim, feed: Feed) -> None:
-        rid = claim.request.request_id
-        metrics.TAKEOVERS.labels(feed.name).inc()
-        self.tracer.start(rid, name="sluice.worker.takeover")
-        self.tracer.hop(rid, "worker.took_over", epoch=claim.epoch, after=len(claim.emitted))
-        if reason := self.owners.parked_reason(claim):
-            await self._park(claim, feed, reason)
-            return
-        if not resumable(claim):
-            await self.owners.restart_from_scratch(rid)
-            claim.emitted, claim.chars = [], 0
-        log.info(
-            "continuing %s after %d published tokens (takeover %d)",
-            rid, len(claim.emitted), claim.takeovers,
-        )  # fmt: skip
-        self._start(claim, feed, None)
-
-    async def _park(self, claim: Claim, feed: Feed, reason: str) -> None:
-        """A poison pill: to the dead-letter topic with the reason, and an error to its client."""
-        request = claim.request
-        await kafka.dead_letter_value(
-            self.producer, feed.dlq_topic, request.request_id.encode(),
-            request.model_dump_json().encode(), reason, claim.topic, claim.partition, claim.offset,
-        )  # fmt: skip
-        running = Running(claim, feed)
-        await self._sink(running).failed(reason)
-        self.tracer.hop(request.request_id, "worker.parked", reason=reason)
-        self.tracer.end(request.request_id)
+            return 0
+        return self.settings.max_in_flight - self.in_flight
 
     def cancel(self, request_id: str) -> None:
         """A Cancel arrived; every worker hears it, the one holding the request stops it."""
@@ -440,7 +396,7 @@ class Worker:
 
     async def _serve(self, running: Running) -> None:
         request = running.request
-        sink = self._sink(running)
+        sink = self.sink(running)
         picked_at = time.time()
         try:
             refused = await self._refused(running)
@@ -455,7 +411,7 @@ class Worker:
         finally:
             self.cost.discard(request.request_id)  # a no-op unless it was cancelled
 
-    def _sink(self, running: Running) -> Sink:
+    def sink(self, running: Running) -> Sink:
         claim = running.claim
         rid = claim.request.request_id
         if running.feed.batch:
