@@ -16,20 +16,7 @@ from shared import tracing
 from shared.settings import Settings
 
 CLIENT_SENT, CLIENT_FIRST = "client.sent", "client.first_token"
-PATH = [
-    CLIENT_SENT,
-    tracing.API_ACCEPTED,
-    tracing.KAFKA_PRODUCED,
-    tracing.WORKER_PICKED,
-    tracing.ENGINE_SUBMITTED,
-    tracing.ENGINE_SCHEDULED,
-    tracing.ENGINE_FIRST_TOKEN,
-    tracing.WORKER_FIRST_TOKEN,
-    tracing.REDIS_FIRST_PUBLISH,
-    tracing.API_FIRST_RELAY,
-    tracing.SSE_FIRST_WRITE,
-    CLIENT_FIRST,
-]
+PATH = [CLIENT_SENT, *tracing.FIRST_TOKEN_PATH, CLIENT_FIRST]
 SEGMENTS = {
     tracing.API_ACCEPTED: "client->api (HTTP, validation, admission)",
     tracing.KAFKA_PRODUCED: "kafka produce",

@@ -54,6 +54,12 @@ SSE_FIRST_WRITE = "sse.first_write"  # the API wrote it to the client's connecti
 WORKER_DONE = "worker.done"  # the done event was sent to Redis (and taken)
 API_DONE = "api.done"  # the API relayed the terminal event
 
+# What a streamed request meets up to its first token reaching the client, in this order.
+FIRST_TOKEN_PATH = (
+    API_ACCEPTED, KAFKA_PRODUCED, WORKER_PICKED, ENGINE_SUBMITTED, ENGINE_SCHEDULED,
+    ENGINE_FIRST_TOKEN, WORKER_FIRST_TOKEN, REDIS_FIRST_PUBLISH, API_FIRST_RELAY, SSE_FIRST_WRITE,
+)  # fmt: skip
+
 
 def trace_key(settings: Settings, request_id: str) -> str:
     return f"{settings.redis_prefix}:trace:{request_id}"
@@ -87,8 +93,8 @@ class _Request:
 
 
 class Tracer:
-    """One per process. Without Redis (`redis=None`) and without an endpoint it records
-    nothing and costs nothing."""
+    """One per process. Without Redis (`redis=None`) and without an endpoint it keeps only
+    each open request's traceparent."""
 
     def __init__(self, settings: Settings, redis: Redis | None, service: str) -> None:
         self._settings = settings
@@ -120,7 +126,8 @@ class Tracer:
         entry = {"hop": name, "t": round(t, 6), "by": self._by, **attrs}
         request = self._open.get(request_id)
         if request is not None:
-            request.hops.append((name, t, attrs))
+            if request.span is not None:  # kept only to become spans at end()
+                request.hops.append((name, t, attrs))
             entry.setdefault("trace", request.traceparent.split("-")[1])
         if self._redis is not None:
             self._unsent.append((request_id, json.dumps(entry, separators=(",", ":"))))

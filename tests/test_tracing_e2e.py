@@ -22,19 +22,7 @@ from tests.otlp_receiver import Receiver
 
 pytestmark = pytest.mark.stack
 
-# The request path, in the order a streamed request meets it (shared/tracing.py).
-PATH = [
-    tracing.API_ACCEPTED,
-    tracing.KAFKA_PRODUCED,
-    tracing.WORKER_PICKED,
-    tracing.ENGINE_SUBMITTED,
-    tracing.ENGINE_SCHEDULED,
-    tracing.ENGINE_FIRST_TOKEN,
-    tracing.WORKER_FIRST_TOKEN,
-    tracing.REDIS_FIRST_PUBLISH,
-    tracing.API_FIRST_RELAY,
-    tracing.SSE_FIRST_WRITE,
-]
+PATH = tracing.FIRST_TOKEN_PATH
 
 
 async def streamed_request(stack: LocalStack) -> str:
