@@ -94,7 +94,7 @@ class Worker:
                 s.batch_dlq_topic, BATCH,
             )  # fmt: skip
         self.feeds = [f for f in (self.interactive, self.batch) if f is not None]
-        self.rescue = None if consumer is None else Rescue(settings, redis, s.requests_topic)
+        self.rescue = None if consumer is None else Rescue(settings, s.requests_topic)
         self.held: dict[str, Running] = {}  # request id -> the request being served
         self._reclaiming: set[str] = set()
         self._suspects = asyncio.Semaphore(1)  # requests an engine died with run one at a time

@@ -280,12 +280,17 @@ class Owners:
             pipe.hincrby(self.request_key(rid), "engine_deaths", 1)
         await pipe.execute()
 
-    async def reap(self) -> int:
-        """Move the requests of every dead worker to the orphans; returns how many moved."""
+    async def heartbeats(self) -> dict[bytes, bytes]:
+        """Every worker's last beat, raw (worker id -> Heartbeat JSON): one HGETALL."""
+        return await self._redis.hgetall(self._s.heartbeats_key)
+
+    async def reap(self, beats: dict[bytes, bytes]) -> int:
+        """Move the requests of every worker whose beat in `beats` is too old to the orphans;
+        returns how many moved."""
         key = self._s.heartbeats_key
         moved = 0
         now = time.time()
-        for worker_id, raw in (await self._redis.hgetall(key)).items():
+        for worker_id, raw in beats.items():
             wid = worker_id.decode()
             if wid == self.me or now - _beat_ts(raw) < self._s.worker_dead_after_s:
                 continue

@@ -18,9 +18,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from redis.asyncio import Redis
 
-from shared import redis as sredis
 from shared.messages import Heartbeat
 from shared.settings import Settings
 
@@ -34,20 +32,22 @@ def uncovered(partitions: set[int], beats: list[Heartbeat], mine: set[int]) -> s
 
 
 class Rescue:
-    def __init__(self, settings: Settings, redis: Redis, topic: str) -> None:
+    def __init__(self, settings: Settings, topic: str) -> None:
         self._settings = settings
-        self._redis = redis
         self._topic = topic
         self._consumer: AIOKafkaConsumer | None = None
         self.partitions: set[TopicPartition] = set()
 
-    async def round(self, room: int, all_: set[int], holding: set[int]) -> list[ConsumerRecord]:
+    async def round(
+        self, room: int, all_: set[int], holding: set[int], beats: dict[bytes, bytes]
+    ) -> list[ConsumerRecord]:
         """Up to `room` records from the partitions (of `all_`) that neither this worker
-        (`holding`) nor any other live one holds now."""
-        beats = await sredis.live_workers(self._redis, self._settings)
+        (`holding`) nor any other live one (by its beat in `beats`, the raw heartbeats hash)
+        holds now."""
         now, limit = time.time(), self._settings.worker_dead_after_s
         me = self._settings.worker_id
-        others = [b for b in beats if b.worker_id != me and now - b.ts < limit]
+        parsed = [Heartbeat.model_validate_json(raw) for raw in beats.values()]
+        others = [b for b in parsed if b.worker_id != me and now - b.ts < limit]
         await self.cover(uncovered(all_, others, holding) if room > 0 else set())
         return await self.take(room)
 

@@ -37,7 +37,8 @@ async def run(worker: Worker) -> None:
 
 async def one_round(worker: Worker) -> None:
     owners = worker.owners
-    if moved := await owners.reap():
+    beats = await owners.heartbeats()  # read once a round: reaping and rescue both need them
+    if moved := await owners.reap(beats):
         log.warning("a worker died: %d of its requests to continue", moved)
     feeds = {f.name: f for f in worker.feeds}
     room = worker.room()
@@ -45,7 +46,7 @@ async def one_round(worker: Worker) -> None:
         claim = await owners.claim_orphan(rid, list(feeds))
         if claim is not None:
             await _continue(worker, claim, feeds[claim.feed])
-    await _rescue(worker)
+    await _rescue(worker, beats)
 
 
 async def _continue(worker: Worker, claim: Claim, feed: Feed) -> None:
@@ -78,12 +79,12 @@ async def _park(worker: Worker, claim: Claim, feed: Feed, reason: str) -> None:
     worker.tracer.end(request.request_id)
 
 
-async def _rescue(worker: Worker) -> None:
+async def _rescue(worker: Worker, beats: dict[bytes, bytes]) -> None:
     """Requests on partitions no live worker consumes (workers/rescue.py)."""
     feed = worker.interactive
     if worker.rescue is None or feed is None:
         return
     partitions = feed.consumer.partitions_for_topic(feed.topic) or set()
     holding = {tp.partition for tp in feed.holding}
-    for record in await worker.rescue.round(worker.room(), partitions, holding):
+    for record in await worker.rescue.round(worker.room(), partitions, holding, beats):
         await worker.accept(feed, None, record)
