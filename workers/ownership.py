@@ -38,15 +38,20 @@ from redis.asyncio import Redis
 from shared.messages import GenerationRequest
 from shared.settings import Settings
 
-_CLAIM_NEW = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state then return {state, redis.call('HGET', KEYS[1], 'owner') or ''} end
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[1], 'epoch', 1,
-  'request', ARGV[2], 'feed', ARGV[3], 'topic', ARGV[4], 'partition', ARGV[5],
-  'offset', ARGV[6], 'chars', 0, 'seconds', 0, 'engine_deaths', 0, 'takeovers', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('SADD', KEYS[2], ARGV[8])
-return {'new', ARGV[1]}
+# KEYS: req, ids, owned (the caller's). ARGV: rid, owner, epoch, request, feed, topic,
+# partition, offset, ttl, ids... Writes a request's record unless one exists: a first claim
+# (epoch 1, no ids), or its owner writing it again after Redis lost it (a cold restart).
+_CREATE = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if h[1] then return {h[1], h[2] or ''} end
+redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'epoch', ARGV[3],
+  'request', ARGV[4], 'feed', ARGV[5], 'topic', ARGV[6], 'partition', ARGV[7],
+  'offset', ARGV[8], 'chars', 0, 'seconds', 0, 'engine_deaths', 0, 'takeovers', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('DEL', KEYS[2])
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('SADD', KEYS[3], ARGV[1])
+return {'new', ARGV[2]}
 """
 
 # KEYS: req, events, ids, owned (the caller's), orphans
@@ -73,21 +78,6 @@ if ARGV[8] == '1' then
   redis.call('SREM', KEYS[4], ARGV[1])
   redis.call('SREM', KEYS[5], ARGV[1])
 end
-return 1
-"""
-
-# KEYS: req, ids, owned (the caller's). ARGV: rid, owner, epoch, request, feed, topic,
-# partition, offset, ttl, ids... After Redis lost its state (a cold restart), the owner
-# writes its request's record again.
-_RECLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'epoch', ARGV[3],
-  'request', ARGV[4], 'feed', ARGV[5], 'topic', ARGV[6], 'partition', ARGV[7],
-  'offset', ARGV[8], 'chars', 0, 'seconds', 0, 'engine_deaths', 0, 'takeovers', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[9])
-redis.call('DEL', KEYS[2])
-for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -156,12 +146,11 @@ class Owners:
         self._s = settings
         self.me = settings.worker_id
         self._ttl = int(settings.request_timeout_s) + 120  # a request's record outlives it
-        self._claim_new = redis.register_script(_CLAIM_NEW)
+        self._create = redis.register_script(_CREATE)
         self.publish_script = redis.register_script(PUBLISH)
         self._orphan_dead = redis.register_script(_ORPHAN_DEAD)
         self._claim_orphan = redis.register_script(_CLAIM_ORPHAN)
         self._adopt = redis.register_script(_ADOPT)
-        self._reclaim = redis.register_script(_RECLAIM)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -185,25 +174,27 @@ class Owners:
     ) -> tuple[str, str]:
         """("new", me) if this worker now owns the request at epoch 1; else the request's
         state ("running" or "done") and its owner: it is someone else's (or was)."""
-        rid = request.request_id
-        ttl = self._ttl
-        state, owner = await self._claim_new(
-            keys=[self.request_key(rid), self.owned_key(self.me)],
-            args=[self.me, request.model_dump_json(), feed, topic, partition, offset, ttl, rid],
-        )
-        return state.decode(), owner.decode()
+        return await self._write(request, 1, feed, topic, partition, offset, [])
 
     async def reclaim(self, claim: Claim, ids: list[int]) -> None:
         """Write the record of a request this worker runs again, with the ids it generated,
         if Redis lost it (publish answered -1)."""
-        rid = claim.request.request_id
-        await self._reclaim(
+        c = claim
+        await self._write(c.request, c.epoch, c.feed, c.topic, c.partition, c.offset, ids)
+
+    async def _write(
+        self, request: GenerationRequest, epoch: int, feed: str, topic: str, partition: int,
+        offset: int, ids: list[int],
+    ) -> tuple[str, str]:  # fmt: skip
+        rid = request.request_id
+        state, owner = await self._create(
             keys=[self.request_key(rid), self.ids_key(rid), self.owned_key(self.me)],
             args=[
-                rid, self.me, claim.epoch, claim.request.model_dump_json(), claim.feed,
-                claim.topic, claim.partition, claim.offset, self._ttl, *ids,
+                rid, self.me, epoch, request.model_dump_json(), feed, topic, partition, offset,
+                self._ttl, *ids,
             ],
         )  # fmt: skip
+        return state.decode(), owner.decode()
 
     async def claim_orphan(self, rid: str, feeds: list[str]) -> Claim | None:
         keys = [self.orphans_key, self.request_key(rid), self.owned_key(self.me), self.ids_key(rid)]
