@@ -201,8 +201,9 @@ class Heartbeat(_Wire):
     lag: int = 0
     # False for a batch-only worker: it adds nothing to the capacity interactive requests see.
     interactive: bool = True
-    # The requests topic's partitions its consumer holds now (empty while its group
-    # rebalances): the ones no live worker lists are read by the others (workers/rescue.py).
+    # The requests topic's partitions its consumer reads now (none while its group
+    # rebalances, or while it is full, restarts its engine or drains): the ones no live
+    # worker lists are read by the others with room (workers/rescue.py).
     partitions: list[int] = Field(default_factory=list)
 
 

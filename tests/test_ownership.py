@@ -305,3 +305,45 @@ async def test_requests_on_a_dead_members_partitions_are_served_before_the_group
         await wait_committed(settings, len(held), timeout_s=60)
         assert sorted(engine.generated) == sorted(r.request_id for r in requests.values())
     await redis.aclose()
+
+
+async def test_a_full_workers_partitions_are_served_by_a_worker_with_room(
+    services: Services,
+) -> None:
+    """A worker at max_in_flight takes nothing from its partitions. Kafka would keep them its
+    own, so requests there would wait for it while another worker sits idle; instead the full
+    worker stops listing them and the idle one reads them outside the group."""
+    base = make_settings(services, requests_partitions=2, max_in_flight=1)
+    busy_settings, idle_settings = as_worker(base, "busy"), as_worker(base, "idle")
+    redis = Redis.from_url(base.redis)
+    busy, idle = FakeEngine(token_delay_s=0.1), FakeEngine(token_delay_s=0.01)
+    async with worker(busy_settings, busy), worker(idle_settings, idle):
+        deadline = time.monotonic() + 60
+        while True:  # the group settles with one partition each
+            held = await beat_partitions(redis, base, "busy")
+            if held and len(held) == 1 and await beat_partitions(redis, base, "idle"):
+                break
+            assert time.monotonic() < deadline, "the group did not settle"
+            await asyncio.sleep(0.2)
+        partition = held[0]
+        long, short = req(max_tokens=100), [req(max_tokens=3) for _ in range(3)]
+        events = await listen(base, [r.request_id for r in (long, *short)])
+        producer = AIOKafkaProducer(bootstrap_servers=base.kafka)
+        await producer.start()
+        for r in (long, *short):  # all on the busy worker's partition
+            value = r.model_dump_json().encode()
+            await producer.send_and_wait(base.requests_topic, value, partition=partition)
+        await producer.stop()
+        done: list[str] = []
+        async for rid, event in events:
+            if isinstance(event, DoneEvent):
+                done.append(rid)
+        # The busy worker was running the long request all along (10 s of tokens): the short
+        # ones finished before it, on the idle worker, each run once.
+        assert busy.generated == [long.request_id]
+        assert sorted(idle.generated) == sorted(r.request_id for r in short)
+        assert done[-1] == long.request_id
+        assert all([await picked_outside_the_group(redis, base, r.request_id) for r in short])
+        # The partition's owner commits all four records once each request is done.
+        await wait_committed(base, 4, timeout_s=30)
+    await redis.aclose()

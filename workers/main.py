@@ -105,6 +105,7 @@ class Worker:
         self._recovery: asyncio.Task[None] | None = None  # set while the engine restarts
         self._lost: KafkaLost | None = None
         self._polling = True  # until the loop ends (a drain, or Kafka lost)
+        self._listed: list[int] = []  # the partitions the last heartbeat said this worker reads
 
     @property
     def in_flight(self) -> int:
@@ -208,6 +209,8 @@ class Worker:
         membership alive, and wake as soon as a request finishes."""
         if self.interactive is not None:
             await self.interactive.hold()
+        if self._listed:  # say at once that its partitions are left to others
+            await self._beat()
         self._freed.clear()
         try:
             await asyncio.wait_for(self._freed.wait(), timeout=1.0)
@@ -543,15 +546,18 @@ class Worker:
             interactive=interactive,
             partitions=self._partitions(),
         )
+        self._listed = beat.partitions
         try:
             await sredis.write_heartbeat(self.redis, self.settings, beat)
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
 
     def _partitions(self) -> list[int]:
-        """What this worker reads in its group; nothing once it stops polling (draining),
-        although it stays a member until it leaves: the others read its partitions meanwhile."""
-        if self.interactive is None or not self._polling:
+        """What this worker reads in its group now. Nothing while it takes nothing (full,
+        restarting its engine, draining), although it stays a member: the workers with room
+        read its partitions meanwhile (workers/rescue.py), so a full worker's share of the
+        topic does not wait for it."""
+        if self.interactive is None or self.room() <= 0:
             return []
         return sorted(tp.partition for tp in self.interactive.holding)
 
