@@ -13,7 +13,7 @@ so ids do not leak. With auth off there is one caller, who owns every request.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -21,7 +21,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import apikeys
+from shared import apikeys, tracing
 from shared.settings import Settings
 
 
@@ -32,6 +32,8 @@ class Caller:
     requests_per_min: int = 0  # 0: no limit
     tokens_per_min: int = 0
     admin: bool = False
+    # The caller's W3C trace context, when it sent one: the request's spans join its trace.
+    traceparent: str | None = None
 
     @property
     def limited(self) -> bool:
@@ -82,7 +84,10 @@ async def require_caller(
 ) -> Caller:
     """The FastAPI dependency: the caller, or a 401 (503 if Redis cannot be asked)."""
     authenticator: Authenticator = request.app.state.auth
-    return await authenticator.caller(bearer.credentials if bearer else api_key)
+    caller = await authenticator.caller(bearer.credentials if bearer else api_key)
+    if traceparent := request.headers.get(tracing.TRACEPARENT):
+        caller = replace(caller, traceparent=traceparent)
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(require_caller)]

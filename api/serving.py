@@ -124,11 +124,11 @@ class GenerateHandler:
         )
         return Validated(message, n_prompt)
 
-    async def _submit(self, message: GenerationRequest) -> asyncio.Queue[Event]:
+    async def _submit(self, message: GenerationRequest, caller: Caller) -> asyncio.Queue[Event]:
         """Listen first, then enqueue: the first token can never beat the subscription."""
         rid = message.request_id
         queue = await self.hub.open(rid)
-        traceparent = self.tracer.start(rid, name="sluice.api.request")
+        traceparent = self.tracer.start(rid, caller.traceparent, name="sluice.api.request")
         self.tracer.hop(rid, tracing.API_ACCEPTED)
         try:
             sent = await self.producer.send_and_wait(
@@ -151,7 +151,7 @@ class GenerateHandler:
         await self.admission.check()  # before the rate limit: a refused request costs no quota
         await self._admit(request, caller)
         message = request.message
-        queue = await self._submit(message)
+        queue = await self._submit(message, caller)
         timeout = self.settings.request_timeout_s
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at

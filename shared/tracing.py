@@ -9,7 +9,8 @@ With `SLUICE_OTEL_ENDPOINT` (an OTLP/HTTP collector) the same hops also leave as
 spans: per process one span for the request and one child span per gap between two of its hops,
 named after the hop that ends it. The API puts the W3C `traceparent` of its span in the Kafka
 message's headers (batch submitters may too) and the worker's span is its child, so a
-collector shows the whole path as one trace.
+collector shows the whole path as one trace; a client's own `traceparent` is the API span's
+parent, and a worker that takes a request over joins its trace (workers/ownership.py keeps it).
 
 Hop times are `time.time()` of the host that saw them: across hosts, clock skew shows up in the
 gaps between processes (not within one).

@@ -21,7 +21,7 @@ from tests.conftest import Services, make_settings
 from tests.fake_engine import FakeEngine
 from tests.test_worker_queue import committed, listen, produce, req, worker
 from workers.main import serve
-from workers.ownership import Owners, publish_args
+from workers.ownership import Claim, Owners, publish_args
 
 
 def as_worker(settings: Settings, worker_id: str, **overrides: object) -> Settings:
@@ -60,10 +60,17 @@ async def test_a_dead_workers_request_continues_from_its_published_tokens(
     r = req(max_tokens=10)
     rid = r.request_id
     # A worker read the request, published 4 tokens, and died (its beat is a minute old).
-    assert await ghost.claim_new(r, "interactive", settings.requests_topic, 0, 0) == (
-        "new",
-        "ghost",
+    trace_id = "ab" * 16  # the trace its Kafka record's headers named
+    claim = Claim(
+        r,
+        1,
+        "interactive",
+        settings.requests_topic,
+        0,
+        0,
+        traceparent=f"00-{trace_id}-{'cd' * 8}-01",
     )
+    assert await ghost.claim_new(claim) == ("new", "ghost")
     assert await publish_as(ghost, settings, rid, 1, 4)
     stale = Heartbeat(worker_id="ghost", engine="fake", model="m", in_flight=1, ts=time.time() - 60)
     await sredis.write_heartbeat(redis, settings, stale)
@@ -83,6 +90,11 @@ async def test_a_dead_workers_request_continues_from_its_published_tokens(
     assert engine.generated == [rid]  # once: the redelivered record was not run again
     assert engine.resumed[rid] == [0, 1, 2, 3]
     assert await redis.hget(settings.heartbeats_key, "ghost") is None
+    # The takeover joined the request's trace.
+    took = [
+        h for h in await tracing.timeline(redis, settings, rid) if h["hop"] == "worker.took_over"
+    ]
+    assert took and took[0]["trace"] == trace_id
     totals = await ledger.totals(redis, settings, 3600)
     assert totals["requests"] == 1 and totals["completion_tokens"] == 10
     await redis.aclose()

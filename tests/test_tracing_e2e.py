@@ -25,11 +25,13 @@ pytestmark = pytest.mark.stack
 PATH = tracing.FIRST_TOKEN_PATH
 
 
-async def streamed_request(stack: LocalStack) -> str:
+async def streamed_request(stack: LocalStack, headers: dict[str, str] | None = None) -> str:
     body = {"prompt": "Say something about rivers.", "max_tokens": 8, "temperature": 0}
     async with (
         httpx.AsyncClient(base_url=stack.url, timeout=120) as client,
-        aconnect_sse(client, "POST", "/generate", json={**body, "stream": True}) as source,
+        aconnect_sse(
+            client, "POST", "/generate", json={**body, "stream": True}, headers=headers or {}
+        ) as source,
     ):
         rid = source.response.headers["x-request-id"]
         events = [sse.event async for sse in source.aiter_sse()]
@@ -91,9 +93,11 @@ async def sluice(env: dict[str, str], *args: str) -> subprocess.CompletedProcess
 async def test_api_and_worker_spans_form_one_trace_at_the_collector(
     stack: LocalStack, otlp: Receiver
 ) -> None:
-    rid = await streamed_request(stack)
+    """In the trace of the client that sent a `traceparent`, as a W3C client expects."""
+    trace_id, client_span = os.urandom(16).hex(), os.urandom(8).hex()
+    rid = await streamed_request(stack, {"traceparent": f"00-{trace_id}-{client_span}-01"})
     hops = await timeline(stack, rid)
-    trace_id = hops[0]["trace"]
+    assert {h["trace"] for h in hops if "trace" in h} == {trace_id}
     spans: dict[str, Any] = {}
     for _ in range(150):  # the SDK exports in batches, every 5 s by default
         spans = {s.name: s for s in otlp.of_trace(trace_id)}
@@ -102,6 +106,7 @@ async def test_api_and_worker_spans_form_one_trace_at_the_collector(
         await asyncio.sleep(0.1)
     api, worker = spans["sluice.api.request"], spans["sluice.worker.request"]
     assert (api.service, worker.service) == ("sluice-api", "sluice-worker")
+    assert api.parent_span_id == client_span
     # The worker's span is a child of the API's: the traceparent crossed Kafka.
     assert worker.parent_span_id == api.span_id
     assert api.start_ns <= worker.start_ns <= worker.end_ns <= api.end_ns

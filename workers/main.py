@@ -254,15 +254,18 @@ class Worker:
             max(0.0, time.time() - request.enqueued_at)
         )
         rid = request.request_id
-        self.tracer.start(rid, tracing.header(record.headers), "sluice.worker.request")
+        traceparent = (tracing.header(record.headers) or b"").decode(errors="replace")
+        self.tracer.start(rid, traceparent, "sluice.worker.request")
         self.tracer.hop(
             rid, tracing.WORKER_PICKED, partition=record.partition, offset=record.offset,
             rescued=tp is None,
         )  # fmt: skip
+        claim = Claim(
+            request, 1, feed.name, record.topic, record.partition, record.offset,
+            traceparent=traceparent,
+        )  # fmt: skip
         try:
-            state, owner = await self.owners.claim_new(
-                request, feed.name, record.topic, record.partition, record.offset
-            )
+            state, owner = await self.owners.claim_new(claim)
         except RedisError as e:  # run it: its first publish writes the record (reclaim)
             log.warning("ownership of %s unknown (%s): running it", rid, e)
             state, owner = "new", self.owners.me
@@ -276,7 +279,6 @@ class Worker:
             if tp is not None:
                 feed.watch(self.owners, tp, record.offset, rid)
             return
-        claim = Claim(request, 1, feed.name, record.topic, record.partition, record.offset)
         self.start(claim, feed, tp)
 
     def start(self, claim: Claim, feed: Feed, tp: TopicPartition | None) -> None:

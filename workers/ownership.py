@@ -39,17 +39,18 @@ from shared.messages import GenerationRequest
 from shared.settings import Settings
 
 # KEYS: req, ids, owned (the caller's). ARGV: rid, owner, epoch, request, feed, topic,
-# partition, offset, ttl, ids... Writes a request's record unless one exists: a first claim
-# (epoch 1, no ids), or its owner writing it again after Redis lost it (a cold restart).
+# partition, offset, ttl, traceparent, ids... Writes a request's record unless one exists: a
+# first claim (epoch 1, no ids), or its owner writing it again after Redis lost it.
 _CREATE = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
 if h[1] then return {h[1], h[2] or ''} end
 redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'epoch', ARGV[3],
   'request', ARGV[4], 'feed', ARGV[5], 'topic', ARGV[6], 'partition', ARGV[7],
-  'offset', ARGV[8], 'chars', 0, 'seconds', 0, 'engine_deaths', 0, 'takeovers', 0)
+  'offset', ARGV[8], 'chars', 0, 'seconds', 0, 'engine_deaths', 0, 'takeovers', 0,
+  'trace', ARGV[10])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 redis.call('DEL', KEYS[2])
-for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 11, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 return {'new', ARGV[2]}
 """
@@ -113,7 +114,7 @@ redis.call('HINCRBY', KEYS[2], 'takeovers', 1)
 redis.call('HSET', KEYS[2], 'resumed_after', redis.call('LLEN', KEYS[4]))
 redis.call('SADD', KEYS[3], ARGV[1])
 local h = redis.call('HMGET', KEYS[2], 'request', 'feed', 'topic', 'partition', 'offset',
-  'chars', 'seconds', 'engine_deaths', 'takeovers')
+  'chars', 'seconds', 'engine_deaths', 'takeovers', 'trace')
 return {epoch, h, redis.call('LRANGE', KEYS[4], 0, -1)}
 """
 
@@ -133,6 +134,7 @@ class Claim:
     seconds: float = 0.0  # engine seconds earlier owners reported
     engine_deaths: int = 0
     takeovers: int = 0
+    traceparent: str = ""  # from its Kafka record's headers: a takeover's span joins the trace
 
     @property
     def suspect(self) -> bool:
@@ -169,29 +171,23 @@ class Owners:
 
     # -- transitions ------------------------------------------------------------------------
 
-    async def claim_new(
-        self, request: GenerationRequest, feed: str, topic: str, partition: int, offset: int
-    ) -> tuple[str, str]:
-        """("new", me) if this worker now owns the request at epoch 1; else the request's
-        state ("running" or "done") and its owner: it is someone else's (or was)."""
-        return await self._write(request, 1, feed, topic, partition, offset, [])
+    async def claim_new(self, claim: Claim) -> tuple[str, str]:
+        """("new", me) if this worker now owns the request (at `claim.epoch`, 1); else the
+        request's state ("running" or "done") and its owner: it is someone else's (or was)."""
+        return await self._write(claim, [])
 
     async def reclaim(self, claim: Claim, ids: list[int]) -> None:
         """Write the record of a request this worker runs again, with the ids it generated,
         if Redis lost it (publish answered -1)."""
-        c = claim
-        await self._write(c.request, c.epoch, c.feed, c.topic, c.partition, c.offset, ids)
+        await self._write(claim, ids)
 
-    async def _write(
-        self, request: GenerationRequest, epoch: int, feed: str, topic: str, partition: int,
-        offset: int, ids: list[int],
-    ) -> tuple[str, str]:  # fmt: skip
-        rid = request.request_id
+    async def _write(self, c: Claim, ids: list[int]) -> tuple[str, str]:
+        rid = c.request.request_id
         state, owner = await self._create(
             keys=[self.request_key(rid), self.ids_key(rid), self.owned_key(self.me)],
             args=[
-                rid, self.me, epoch, request.model_dump_json(), feed, topic, partition, offset,
-                self._ttl, *ids,
+                rid, self.me, c.epoch, c.request.model_dump_json(), c.feed, c.topic, c.partition,
+                c.offset, self._ttl, c.traceparent, *ids,
             ],
         )  # fmt: skip
         return state.decode(), owner.decode()
@@ -202,7 +198,7 @@ class Owners:
         if not got:
             return None
         epoch, fields, ids = got
-        raw, feed, topic, partition, offset, chars, seconds, deaths, takeovers = fields
+        raw, feed, topic, partition, offset, chars, seconds, deaths, takeovers, trace = fields
         return Claim(
             request=GenerationRequest.model_validate_json(raw),
             epoch=int(epoch),
@@ -215,6 +211,7 @@ class Owners:
             seconds=float(seconds),
             engine_deaths=int(deaths),
             takeovers=int(takeovers),
+            traceparent=(trace or b"").decode(),
         )
 
     async def state(self, rid: str) -> str | None:

@@ -52,7 +52,7 @@ async def one_round(worker: Worker) -> None:
 async def _continue(worker: Worker, claim: Claim, feed: Feed) -> None:
     rid = claim.request.request_id
     metrics.TAKEOVERS.labels(feed.name).inc()
-    worker.tracer.start(rid, name="sluice.worker.takeover")
+    worker.tracer.start(rid, claim.traceparent, name="sluice.worker.takeover")
     worker.tracer.hop(rid, "worker.took_over", epoch=claim.epoch, after=len(claim.emitted))
     if reason := worker.owners.parked_reason(claim):
         await _park(worker, claim, feed, reason)
