@@ -39,6 +39,7 @@ from bench.serving import PROMPTS, bench_stack, machine, percentile
 from shared import devstack, tracing
 from shared import redis as sredis
 from shared.devstack import LocalStack
+from shared.settings import Settings
 from workers.ownership import Owners
 
 VARIANTS = ("kill", "scale-up", "drain")
@@ -267,6 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         report = {
             "runs": runs,
-            "config": {**vars(args), "out": str(args.out), "machine": machine()},
+            "config": {
+                **vars(args),
+                "out": str(args.out),
+                "machine": machine(),
+                # the engine's step budget: a takeover's prefill shares steps with decodes
+                "max_num_batched_tokens": Settings().max_num_batched_tokens,
+            },
         }
         args.out.write_text(json.dumps(report, indent=2))
