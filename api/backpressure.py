@@ -5,6 +5,12 @@ The backlog is what waits in Kafka (each worker's heartbeat carries the lag of i
 plus what this API admitted after the oldest of those heartbeats was measured: heartbeats and
 lag are each up to a second old, and a flood arrives faster than that. A second bound, on this
 process's open requests, keeps its memory bounded whatever the workers report.
+
+A full queue is shared between tenants: past the bound, a tenant is still admitted while it
+holds fewer than its share (the bound over the number of tenants holding requests) of this
+process's open requests, so one tenant's flood cannot lock the others out, and the queue
+overshoots the bound by at most the bound. Shares are per API process: with several replicas,
+each applies them to the requests it holds. Open requests count while queued or running.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 
 from fastapi import HTTPException
 
@@ -35,9 +41,12 @@ class Admission:
         self._workers = 0
         self._measured_at = 0.0  # unix time the oldest heartbeat's lag may date from
         self._admitted: deque[float] = deque()  # unix times of recent admissions
+        self._tenant_of: dict[str, str] = {}  # request id -> tenant, until release()
+        self._holding: Counter[str] = Counter()  # tenant -> its open requests here
 
-    async def check(self) -> None:
-        """Raise 429 (with Retry-After) if this request should not be queued now."""
+    async def check(self, tenant: str, request_id: str) -> None:
+        """Raise 429 (with Retry-After) if this request should not be queued now; otherwise it
+        counts as the tenant's until `release`."""
         await self._refresh()
         s = self._settings
         if self._hub.open_count() >= s.max_open_requests:
@@ -48,11 +57,25 @@ class Admission:
         backlog = self._lag + len(self._admitted)
         # No live worker still queues a little: that backlog is what scales workers up from zero.
         limit = max(self._workers, 1) * s.max_queued_per_worker
-        if backlog >= limit:
+        if backlog >= limit and not self._under_share(tenant, limit):
             # Roughly the time for the workers to take in what is ahead, at full batches.
             per_round = max(self._workers, 1) * s.max_in_flight
             raise _busy(f"{backlog} requests are queued", math.ceil(backlog / per_round))
         self._admitted.append(now)
+        self._tenant_of[request_id] = tenant
+        self._holding[tenant] += 1
+
+    def release(self, request_id: str) -> None:
+        """The request ended (or was never enqueued): no longer its tenant's."""
+        tenant = self._tenant_of.pop(request_id, None)
+        if tenant is not None:
+            self._holding[tenant] -= 1
+            if self._holding[tenant] <= 0:
+                del self._holding[tenant]
+
+    def _under_share(self, tenant: str, limit: int) -> bool:
+        tenants = len(self._holding.keys() | {tenant})
+        return tenants > 1 and self._holding[tenant] < limit / tenants
 
     async def _refresh(self) -> None:
         if time.monotonic() - self._read_at < REFRESH_S:

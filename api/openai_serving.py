@@ -104,7 +104,7 @@ class OpenAIHandler:
         self._check_model(body.model)
         length_param, max_tokens = body.max_tokens_param()
         prompt = {"messages": [m.to_wire() for m in body.messages]}
-        request = self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
+        request = await self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
         rid = request.message.request_id
         chunks = ChatChunks(f"chatcmpl-{rid}", body.model, int(time.time()))
         if body.stream:
@@ -118,7 +118,7 @@ class OpenAIHandler:
     ) -> Response:
         self._check_model(body.model)
         prompt = {"prompt": body.prompt_text()}
-        request = self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
+        request = await self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
         rid = request.message.request_id
         chunks = CompletionChunks(f"cmpl-{rid}", body.model, int(time.time()))
         if body.stream:
@@ -148,7 +148,7 @@ class OpenAIHandler:
                 404, f"The model `{model}` does not exist.", "model", "model_not_found"
             )
 
-    def _to_wire(
+    async def _to_wire(
         self,
         body: ChatCompletionRequest | CompletionRequest,
         prompt: dict[str, Any],
@@ -170,27 +170,27 @@ class OpenAIHandler:
         except ValidationError as e:
             raise RequestValidationError(_in_body(e.errors())) from e
         try:
-            return self.generate.to_message(generate, tenant)
+            return await self.generate.to_message(generate, tenant)
         except RequestValidationError as e:
             raise RequestValidationError(_renamed(e.errors(), "max_tokens", length_param)) from e
 
     async def _stream(
         self, request: Validated, chunks: Chunks, include_usage: bool, caller: Caller
     ) -> StreamingResponse:
-        source = await self.generate.submit(request, caller)
+        relay = await self.generate.submit(request, caller)
         rid = request.message.request_id
 
         async def frames() -> AsyncIterator[bytes]:
             metrics.OPEN_STREAMS.inc()
             finished = False
             try:
-                async for frame in sse_chunks(source, chunks, include_usage):
+                async for frame in sse_chunks(relay.events, chunks, include_usage):
                     yield frame
                 finished = True
             finally:
                 metrics.OPEN_STREAMS.dec()
                 # A client that left before [DONE] cancels the request, as on /generate.
-                self.generate.release(rid, cancel=not finished)
+                self.generate.release(rid, relay, cancel=not finished)
 
         headers = {**SSE_HEADERS, "X-Request-Id": rid}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)

@@ -62,6 +62,7 @@ return {'ok', 0}
 class RateLimiter:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.settings = settings
+        self._redis = redis
         self._admit = redis.register_script(_ADMIT)
 
     async def admit(self, caller: Caller, request_id: str, tokens: int) -> None:
@@ -92,6 +93,12 @@ class RateLimiter:
             f"rate limit of API key {caller.key_id} reached: {what}; retry in {retry_s} s",
             headers={"Retry-After": str(retry_s)},
         )
+
+    async def refund(self, caller: Caller, request_id: str, tokens: int) -> None:
+        """Take back an admission that was then refused for another reason (capacity)."""
+        if caller.limited:
+            key = f"{self.settings.redis_prefix}:ratelimit:{caller.key_id}"
+            await self._redis.zrem(key, f"{request_id}:{tokens}")
 
 
 def _never_fits(caller: Caller, tokens: int) -> str:

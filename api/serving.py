@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,6 +68,15 @@ def _relayed(backlog: list[Event], last_index: int) -> Relayed:
     return relayed
 
 
+class Relay(NamedTuple):
+    """One connection's relay of a request: its queue (ended with `release`), the events read
+    from it, and how many times the stream had been resumed when it opened."""
+
+    queue: asyncio.Queue[Event]
+    events: AsyncIterator[Event]
+    generation: int = 0
+
+
 class GenerateHandler:
     def __init__(
         self,
@@ -78,13 +89,17 @@ class GenerateHandler:
         self.settings = settings
         self.tracer = tracer or Tracer(settings, None, "sluice-api")
         self.tokenizer = tokenizer
+        # The most characters one token stands for: a token string has at least as many
+        # characters as the text it decodes to (byte-level BPE, sentencepiece).
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        self._token_chars = max(map(len, vocab), default=1)
         self.producer = producer
         self.hub = hub
         self.admission = Admission(settings, hub)
         self.limiter = RateLimiter(hub.redis, settings)
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    def to_message(self, body: GenerateBody, tenant: str | None = None) -> Validated:
+    async def to_message(self, body: GenerateBody, tenant: str | None = None) -> Validated:
         """The wire message, or a 422 naming the field, before anything is enqueued."""
         most = self.settings.max_messages
         if body.messages is not None and len(body.messages) > most:
@@ -98,10 +113,22 @@ class GenerateHandler:
                 "max_tokens", f"must be <= {limit} (SLUICE_MAX_TOKENS_LIMIT)", body.max_tokens
             )
         sampling = body.sampling(min(self.settings.default_max_tokens, limit))
-        n_prompt = len(prompt_token_ids(self.tokenizer, body))
         context = self.settings.max_model_len
+        field = "prompt" if body.prompt is not None else "messages"
+        # A cheap bound first: no token covers more than `_token_chars` characters, so a text
+        # this long cannot fit, and tokenizing it (0.7 s for 1 MiB) would be for nothing.
+        chars = len(body.prompt or "") + sum(len(m.content) for m in body.messages or ())
+        at_least = math.ceil(chars / self._token_chars)
+        if at_least + sampling.max_tokens > context:
+            raise invalid_field(
+                field,
+                f"is at least {at_least} tokens ({chars} characters); with max_tokens="
+                f"{sampling.max_tokens} that exceeds the model's context of {context} tokens",
+                f"{chars} characters",
+            )
+        # Off the event loop: the streams this process relays do not wait for it.
+        n_prompt = len(await asyncio.to_thread(prompt_token_ids, self.tokenizer, body))
         if n_prompt + sampling.max_tokens > context:
-            field = "prompt" if body.prompt is not None else "messages"
             raise invalid_field(
                 field,
                 f"is {n_prompt} tokens; with max_tokens={sampling.max_tokens} that exceeds "
@@ -138,39 +165,53 @@ class GenerateHandler:
                 headers=[(tracing.TRACEPARENT, traceparent.encode())],
             )
         except Exception as e:
-            await self.hub.close(rid)
+            await self.hub.close(rid, queue)
             self.tracer.end(rid)
             raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
         self.tracer.hop(rid, tracing.KAFKA_PRODUCED, partition=sent.partition, offset=sent.offset)
         return queue
 
-    async def submit(self, request: Validated, caller: Caller = ANONYMOUS) -> AsyncIterator[Event]:
+    async def submit(self, request: Validated, caller: Caller = ANONYMOUS) -> Relay:
         """Enqueue the request; its events up to the terminal one. Enqueue failures raise here,
-        before any response starts. The caller ends with `close(request_id)`."""
+        before any response starts. The caller ends with `release`."""
         clock = Clock(time.monotonic())
-        await self.admission.check()  # before the rate limit: a refused request costs no quota
         await self._admit(request, caller)
         message = request.message
-        queue = await self._submit(message, caller)
+        try:
+            queue = await self._submit(message, caller)
+        except BaseException:
+            self.admission.release(message.request_id)
+            raise
         timeout = self.settings.request_timeout_s
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at
         mark = functools.partial(self.tracer.hop, message.request_id)
-        return events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark)
+        return Relay(queue, events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark))
 
-    async def close(self, request_id: str) -> None:
-        await self.hub.close(request_id)
+    async def close(self, request_id: str, queue: asyncio.Queue[Event]) -> int:
+        """End one connection's relay; returns how many others of this process still relay it."""
+        self.admission.release(request_id)
+        return await self.hub.close(request_id, queue)
 
     async def _admit(self, request: Validated, caller: Caller) -> None:
-        """The caller's rate limits, then the id bound to the caller, for the routes that act
-        on a request id (`api.auth.owns`)."""
+        """By key first (its rate limits), then by capacity, which so counts only requests
+        their key allowed: a key over its limit cannot fill the queue for everyone. A request
+        the capacity check refuses costs its key no quota. Then the id is bound to the caller,
+        for the routes that act on a request id (`api.auth.owns`)."""
         message = request.message
-        if caller.limited:
-            tokens = request.prompt_tokens + message.sampling.max_tokens
-            await self.limiter.admit(caller, message.request_id, tokens)
+        rid = message.request_id
+        tokens = request.prompt_tokens + message.sampling.max_tokens
+        await self.limiter.admit(caller, rid, tokens)
         try:
-            await bind(self.hub.redis, self.settings, message.request_id, caller)
+            await self.admission.check(caller.tenant, rid)
+        except HTTPException:
+            with contextlib.suppress(RedisError):
+                await self.limiter.refund(caller, rid, tokens)
+            raise
+        try:
+            await bind(self.hub.redis, self.settings, rid, caller)
         except RedisError as e:
+            self.admission.release(rid)
             raise HTTPException(503, f"could not record the request in Redis: {e}") from e
 
     async def stream(
@@ -178,21 +219,24 @@ class GenerateHandler:
     ) -> StreamingResponse:
         """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first.
         A client that goes away before the end cancels the request."""
-        request = self.to_message(body, caller.tenant)
-        source = await self.submit(request, caller)
-        return self._sse(request.message.request_id, source, prelude)
+        request = await self.to_message(body, caller.tenant)
+        relay = await self.submit(request, caller)
+        return self._sse(request.message.request_id, relay, prelude)
 
     async def resume(self, request_id: str, last_event_id: int) -> StreamingResponse:
         """The rest of a request's stream after token `last_event_id`, from its Redis stream and
-        then live: for clients whose connection (or API) went away mid-stream."""
+        then live: for clients whose connection (or API) went away mid-stream. From now on
+        this connection is the request's: the earlier one, if the API has not noticed yet that
+        it is gone, no longer cancels the request when it ends."""
         queue = await self.hub.open(request_id)
         try:
             backlog = await self.hub.backlog(request_id)
+            generation = await self._resumed(request_id) if backlog is not None else 0
         except Exception:
-            await self.close(request_id)
+            await self.close(request_id, queue)
             raise
         if backlog is None:
-            await self.close(request_id)
+            await self.close(request_id, queue)
             raise HTTPException(404, f"no stream for request {request_id} (unknown or expired)")
         live = [queue.get_nowait() for _ in range(queue.qsize())]
         for event in [*backlog, *live]:  # in publication order; `events` drops repeats
@@ -202,47 +246,57 @@ class GenerateHandler:
         source = events(
             queue, clock, self.settings.request_timeout_s, _relayed(backlog, last_event_id)
         )
-        return self._sse(request_id, source)
+        return self._sse(request_id, Relay(queue, source, generation))
+
+    async def _resumed(self, request_id: str) -> int:
+        pipe = self.hub.redis.pipeline(transaction=True)
+        pipe.incr(self.settings.resumed_key(request_id))
+        pipe.expire(self.settings.resumed_key(request_id), int(self.settings.request_timeout_s))
+        generation, _ = await pipe.execute()
+        return int(generation)
 
     async def cancel(self, request_id: str) -> None:
         await sredis.cancel(self.hub.redis, self.settings, request_id, "cancelled")
 
-    def _sse(
-        self, rid: str, source: AsyncIterator[Event], prelude: bytes = b""
-    ) -> StreamingResponse:
+    def _sse(self, rid: str, relay: Relay, prelude: bytes = b"") -> StreamingResponse:
         async def frames() -> AsyncIterator[bytes]:
             finished = written = False
             try:
                 if prelude:
                     yield prelude
-                async for frame in sse_frames(source):
+                async for frame in sse_frames(relay.events):
                     yield frame  # returns once the server has written it
                     if not written:
                         written = True
                         self.tracer.hop(rid, tracing.SSE_FIRST_WRITE)
                 finished = True
             finally:
-                self.release(rid, cancel=not finished)
+                self.release(rid, relay, cancel=not finished)
 
         headers = {**SSE_HEADERS, "X-Request-Id": rid}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
 
-    def release(self, rid: str, cancel: bool) -> None:
-        """End a stream's subscription and, if its client left before the end, cancel the
-        request. Its own task: this runs from a response generator's `finally`, which may be
-        inside the response's cancelled scope."""
-        task = asyncio.create_task(self._cleanup(rid, cancel))
+    def release(self, rid: str, relay: Relay, cancel: bool) -> None:
+        """End a connection's relay and, if its client left before the end, cancel the request,
+        unless another connection (a resumed stream) relays it now. Its own task: this runs
+        from a response generator's `finally`, which may be inside the response's cancelled
+        scope."""
+        task = asyncio.create_task(self._cleanup(rid, relay, cancel))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _cleanup(self, rid: str, cancel: bool) -> None:
+    async def _cleanup(self, rid: str, relay: Relay, cancel: bool) -> None:
         self.tracer.end(rid)
-        await self.close(rid)
-        if cancel:
-            try:
+        others = await self.close(rid, relay.queue)
+        if not cancel or others:
+            return
+        try:
+            # Resumed since this connection opened (perhaps through another API process)?
+            latest = int(await self.hub.redis.get(self.settings.resumed_key(rid)) or 0)
+            if latest == relay.generation:
                 await sredis.cancel(self.hub.redis, self.settings, rid, "client_disconnected")
-            except Exception as e:  # the deadline still stops it
-                log.warning("could not cancel %s after its client left: %s", rid, e)
+        except Exception as e:  # the deadline still stops it
+            log.warning("could not cancel %s after its client left: %s", rid, e)
 
     async def collect(
         self, request: Validated, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
@@ -250,7 +304,8 @@ class GenerateHandler:
         """Enqueue the request and wait for its whole completion (`stream: false`). A client
         that hangs up first cancels it, as for a stream: nobody would read the answer."""
         rid = request.message.request_id
-        whole = asyncio.ensure_future(collect(await self.submit(request, caller)))
+        relay = await self.submit(request, caller)
+        whole = asyncio.ensure_future(collect(relay.events))
         ended = False
         try:
             # The body was read long ago, so only polling notices a client that went away.
@@ -261,12 +316,12 @@ class GenerateHandler:
             return whole.result()  # RequestFailed: an error event or the deadline
         finally:
             whole.cancel()
-            self.release(rid, cancel=not ended)
+            self.release(rid, relay, cancel=not ended)
 
     async def complete(
         self, body: GenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> GenerateResponse:
-        request = self.to_message(body, caller.tenant)
+        request = await self.to_message(body, caller.tenant)
         try:
             text, done = await self.collect(request, caller, hung_up)
         except RequestFailed as e:

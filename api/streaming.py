@@ -34,7 +34,8 @@ class StreamHub:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
-        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        # channel -> a queue per connection relaying it (a resumed stream is a second one)
+        self._queues: dict[str, list[asyncio.Queue[Event]]] = {}
         self._opened: dict[str, float] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
@@ -55,34 +56,48 @@ class StreamHub:
             await self._pubsub.aclose()
 
     async def open(self, request_id: str) -> asyncio.Queue[Event]:
-        """Subscribe to the request's channel; returns once Redis has confirmed it."""
+        """A queue of the request's events for one connection; the channel is subscribed
+        (once per process) by the time it returns."""
         assert self._pubsub is not None, "StreamHub.start() was not called"
         channel = self._settings.stream_channel(request_id)
-        confirmed = asyncio.get_running_loop().create_future()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._queues[channel] = queue
+        listeners = self._queues.setdefault(channel, [])
+        listeners.append(queue)
+        if len(listeners) > 1:
+            return queue  # another connection of this process relays it: subscribed already
+        confirmed = asyncio.get_running_loop().create_future()
         self._opened[request_id] = time.monotonic()
         self._confirmations[channel] = confirmed
         try:
             await self._pubsub.subscribe(channel)
             await asyncio.wait_for(confirmed, timeout=5.0)
         except BaseException:
-            await self.close(request_id)
+            await self.close(request_id, queue)
             raise
         finally:
             self._confirmations.pop(channel, None)
         return queue
 
-    async def close(self, request_id: str) -> None:
+    async def close(self, request_id: str, queue: asyncio.Queue[Event] | None = None) -> int:
+        """End one connection's queue (all of them if `queue` is None); the channel is
+        unsubscribed with the last. Returns how many connections still relay the request."""
         channel = self._settings.stream_channel(request_id)
+        listeners = self._queues.get(channel, [])
+        if queue is None:
+            listeners.clear()
+        elif queue in listeners:
+            listeners.remove(queue)
+        if listeners:
+            return len(listeners)
         self._queues.pop(channel, None)
         self._opened.pop(request_id, None)
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.unsubscribe(channel)
+        return 0
 
     def open_count(self) -> int:
-        return len(self._queues)
+        return sum(map(len, self._queues.values()))
 
     @property
     def redis(self) -> Redis:
@@ -100,7 +115,6 @@ class StreamHub:
         """After the pub/sub connection was lost, queue what open requests missed meanwhile:
         their streams hold every event, and `events()` drops what was already relayed."""
         for request_id in list(self._opened):
-            queue = self._queues.get(self._settings.stream_channel(request_id))
             missed = None
             for attempt in range(3):
                 try:
@@ -109,8 +123,8 @@ class StreamHub:
                 except Exception as e:
                     log.warning("backfill of %s failed (%s), attempt %d", request_id, e, attempt)
                     await asyncio.sleep(0.5)
-            for event in missed or []:
-                if queue is not None:
+            for queue in self._queues.get(self._settings.stream_channel(request_id), []):
+                for event in missed or []:
                     queue.put_nowait(event)
 
     async def _read(self) -> None:
@@ -144,7 +158,8 @@ class StreamHub:
                 except ValidationError as e:
                     log.error("dropping malformed stream event on %s: %s", channel, e)
                     continue
-                self._queues[channel].put_nowait(event)
+                for queue in self._queues[channel]:
+                    queue.put_nowait(event)
 
     async def _sweep(self) -> None:
         """Close subscriptions whose relay never ran to its end (a client gone before its

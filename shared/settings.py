@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -21,13 +21,28 @@ def _default_worker_id() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLUICE_", env_file=".env", extra="ignore")
+    # Secrets may also come as files named like their variable (sluice_redis_password) in
+    # SLUICE_SECRETS_DIR: compose secrets, or a Kubernetes Secret mounted as a volume.
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_file=".env", extra="ignore",
+        secrets_dir=os.environ.get("SLUICE_SECRETS_DIR") or None,
+    )  # fmt: skip
 
     # Connections
     kafka: str = "127.0.0.1:9092"
     redis: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key and channel, so several stacks can share one Redis.
     redis_prefix: str = "sluice"
+    # Credentials, none in local mode. Redis: an ACL user per service (`sluice redis-acl`).
+    redis_username: str = ""
+    redis_password: SecretStr = SecretStr("")
+    # Kafka: SASL/SCRAM, over TLS in production (SASL_SSL); the CA that signed the brokers'
+    # certificates for SSL and SASL_SSL (empty: the system's).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: str = ""
     # Real Kafka supports idempotent producers; the dev broker (Tansu) does not.
     kafka_idempotence: bool = False
     # Tansu does not wake a waiting fetch when data arrives, so this bounds the queue latency
@@ -184,6 +199,11 @@ class Settings(BaseSettings):
     def events_key(self, request_id: str) -> str:
         """The Redis stream holding a request's events, for replay and Last-Event-ID resume."""
         return f"{self.redis_prefix}:events:{request_id}"
+
+    def resumed_key(self, request_id: str) -> str:
+        """How often a request's stream was resumed: only its latest connection, when it goes
+        away, cancels the request."""
+        return f"{self.redis_prefix}:resumed:{request_id}"
 
     def cancelled_key(self, request_id: str) -> str:
         """Set on cancel, so that a request still queued in Kafka is dropped at pick-up."""
