@@ -205,6 +205,20 @@ def _cost(args: argparse.Namespace) -> None:
     print(report.model_dump_json(indent=2) if args.json else cost.render(report))
 
 
+def _redis_acl(args: argparse.Namespace) -> None:
+    from shared import redis_acl
+    from shared.settings import Settings
+
+    passwords = {}
+    for item in args.password_file:
+        service, _, path = item.partition("=")
+        if service not in redis_acl.SERVICES or not path:
+            raise SystemExit(f"--password-file {item!r}: expected SERVICE=PATH, SERVICE one of "
+                             f"{', '.join(redis_acl.SERVICES)}")  # fmt: skip
+        passwords[service] = Path(path).read_text().strip()
+    print(redis_acl.acl_file(Settings().redis_prefix, passwords), end="")
+
+
 def _trace(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -378,6 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     trace.add_argument("request_id")
     trace.add_argument("--json", action="store_true", help="the hops as JSON")
     trace.set_defaults(fn=_trace)
+    acl = sub.add_parser(
+        "redis-acl", help="a Redis ACL file: a user per service (docs/SECURITY.md)"
+    )
+    acl.add_argument(
+        "--password-file", action="append", default=[], metavar="SERVICE=PATH",
+        help="the service's password, read from a file; services: api, worker, ingestion, cli",
+    )  # fmt: skip
+    acl.set_defaults(fn=_redis_acl)
     _keys_parser(sub)
     _batch_parser(sub)
     sub.add_parser("bench", help="serving benchmark", add_help=False).set_defaults(fn=_bench)

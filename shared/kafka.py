@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from shared import metrics
@@ -27,9 +29,22 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 8 * 2**20
 
 
+def connection(settings: Settings) -> dict[str, Any]:
+    """Where the brokers are and how to authenticate: every Kafka client Sluice makes."""
+    protocol = settings.kafka_security_protocol
+    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka, "security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
+    if protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kwargs
+
+
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka,
+        **connection(settings),
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
         linger_ms=0,
@@ -47,7 +62,7 @@ def make_consumer(
     its group when getmany() is not called for `max_poll_interval_ms`."""
     return AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=settings.kafka,
+        **connection(settings),
         group_id=group or settings.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -119,7 +134,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
     missing: every process calls this at start, so none depends on another having started
     first. Returns those it created."""
     wanted = _topics(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
+    admin = AIOKafkaAdminClient(**connection(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -17,8 +17,14 @@ def connect(settings: Settings) -> Redis:
     # Retried with backoff (~3 s in all): a Redis restart then costs callers a pause, not an
     # error on the first command over each stale pooled connection.
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 6)
+    credentials = {}
+    if settings.redis_username:  # else what the URL says (none in local mode)
+        credentials["username"] = settings.redis_username
+    if password := settings.redis_password.get_secret_value():
+        credentials["password"] = password
     return Redis.from_url(
         settings.redis,
+        **credentials,
         health_check_interval=10,
         retry=retry,
         retry_on_error=[ConnectionError, TimeoutError],

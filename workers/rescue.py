@@ -19,6 +19,7 @@ import time
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from shared import kafka
 from shared.messages import Heartbeat
 from shared.settings import Settings
 
@@ -63,7 +64,7 @@ class Rescue:
             # assigned consumer starts), but never a member: it does not join, commit or
             # leave. Its own connection: the members' may be held up by a rebalance.
             self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._settings.kafka,
+                **kafka.connection(self._settings),
                 group_id=self._settings.consumer_group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",

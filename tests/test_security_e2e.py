@@ -1,0 +1,218 @@
+"""A stack whose Redis trusts no one: the default user off and an ACL user per service
+(shared/redis_acl.py). Requests stream through it with nothing denied on the way, and each
+service's credentials reach only what it needs.
+
+Kafka's side (SASL/SCRAM) is not run here: the dev broker keeps its users in its memory storage
+and, with `--authentication`, refuses the very call that creates one (docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from httpx_sse import aconnect_sse
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+from shared import devstack, kafka, redis_acl
+from shared.devstack import LocalStack
+from shared.settings import Settings
+from tests.conftest import Services, make_settings
+
+pytestmark = pytest.mark.stack
+
+SERVICES = ("api", "worker", "ingestion", "cli")
+ADMIN = "test-admin"  # the test's own, to read the ACL log; not part of Sluice's file
+
+
+@dataclass
+class Secured:
+    stack: LocalStack
+    redis_port: int
+    passwords: dict[str, str]
+    admin_password: str
+
+    @property
+    def prefix(self) -> str:
+        return self.stack.settings.redis_prefix
+
+    def redis_as(self, service: str) -> Redis:
+        return Redis(
+            port=self.redis_port, username=redis_acl.username(service),
+            password=self.passwords[service],
+        )  # fmt: skip
+
+    def admin(self) -> Redis:
+        return Redis(port=self.redis_port, username=ADMIN, password=self.admin_password)
+
+
+@pytest.fixture(scope="module")
+def secured(
+    services: Services, model_ready: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Secured]:
+    tmp = tmp_path_factory.mktemp("secured")
+    passwords = {s: secrets.token_urlsafe(16) for s in SERVICES}
+    admin_password = secrets.token_urlsafe(16)
+    prefix = f"sluice-sec-{uuid.uuid4().hex[:8]}"
+    acl = redis_acl.acl_file(prefix, passwords)
+    acl += f"user {ADMIN} on >{admin_password} ~* &* +@all\n"
+    (tmp / "users.acl").write_text(acl)
+    redis_port, kafka_port = devstack.free_port(), devstack.free_port()
+    redis = devstack.start_redis(redis_port, tmp / "redis.log", "--aclfile", str(tmp / "users.acl"))
+    broker = devstack.start_broker(kafka_port, tmp / "broker.log")
+    settings = make_settings(
+        services, port=devstack.free_port(), kafka=f"127.0.0.1:{kafka_port}",
+        redis=f"redis://127.0.0.1:{redis_port}/0", redis_prefix=prefix,
+        # The test's own clients are the operator's.
+        redis_username=redis_acl.username("cli"), redis_password=passwords["cli"],
+    )  # fmt: skip
+    per_service = {
+        service: {
+            "SLUICE_REDIS_USERNAME": redis_acl.username(service),
+            "SLUICE_REDIS_PASSWORD": passwords[service],
+        }
+        for service in ("api", "worker", "ingestion")
+    }
+    stack = LocalStack(settings, tmp, per_service)
+    stack.start_worker()
+    stack.start_ingestion()
+    stack.start_api()
+    try:
+        stack.wait_ready()
+        yield Secured(stack, redis_port, passwords, admin_password)
+    finally:
+        stack.stop()
+        devstack.stop(broker)
+        devstack.stop(redis)
+
+
+async def test_requests_stream_through_the_secured_stack_with_nothing_denied(
+    secured: Secured,
+) -> None:
+    body = {"prompt": "Say something about rivers.", "max_tokens": 8, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=secured.stack.url, timeout=120) as client,
+        aconnect_sse(client, "POST", "/generate", json=body) as source,
+    ):
+        events = [sse.event async for sse in source.aiter_sse()]
+    assert events[-1] == "done" and events.count("token") == 8
+    async with httpx.AsyncClient(base_url=secured.stack.url, timeout=30) as client:
+        assert (await client.get("/ready")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/cost")).status_code == 200
+        # Ingestion: the API records the document queued, ingestion indexes it.
+        doc = {"doc_id": "sec/tides", "text": "High tide is at six.", "title": "Tides"}
+        assert (await client.post("/documents", json=doc)).status_code == 202
+        for _ in range(600):
+            status = (await client.get("/documents/sec/tides")).json()
+            if status["status"] != "queued":
+                break
+            await asyncio.sleep(0.1)
+        assert status["status"] == "indexed", status
+        found = await client.post("/retrieve", json={"query": "high tide", "top_k": 1})
+        assert found.json()["results"][0]["title"] == "Tides"
+    # Every command the API and the worker sent was allowed: the rules are complete.
+    admin = secured.admin()
+    denied = await admin.execute_command("ACL", "LOG")
+    await admin.aclose()
+    assert denied == [], denied
+
+
+async def test_without_credentials_redis_and_kafka_refuse(secured: Secured) -> None:
+    anonymous = Redis(port=secured.redis_port)
+    with pytest.raises((AuthenticationError, ResponseError)):  # NOAUTH
+        await anonymous.ping()
+    await anonymous.aclose()
+    wrong = Redis(port=secured.redis_port, username="sluice-api", password="guess")
+    with pytest.raises(AuthenticationError):
+        await wrong.ping()
+    await wrong.aclose()
+
+
+async def test_kafka_clients_take_the_sasl_and_tls_settings() -> None:
+    """What every Kafka client Sluice makes is given (shared/kafka.py), checked by aiokafka's
+    own validation of a producer built from it."""
+    plain = kafka.connection(Settings(kafka="k:9092"))
+    assert plain == {"bootstrap_servers": "k:9092", "security_protocol": "PLAINTEXT"}
+    secured = Settings(
+        kafka="k:9093", kafka_security_protocol="SASL_SSL", kafka_sasl_username="sluice-api",
+        kafka_sasl_password="pw", kafka_sasl_mechanism="SCRAM-SHA-256",
+    )  # fmt: skip
+    kwargs = kafka.connection(secured)
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert (kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == ("sluice-api", "pw")
+    assert kwargs["ssl_context"] is not None
+    AIOKafkaProducer(**kwargs)  # raises on an inconsistent combination
+    assert "pw" not in repr(secured)  # secrets stay out of logs
+
+
+async def denied(redis: Redis, *command: str) -> bool:
+    try:
+        await redis.execute_command(*command)
+    except NoPermissionError:
+        return True
+    return False
+
+
+async def test_each_service_reaches_only_what_it_needs(secured: Secured) -> None:
+    p = secured.prefix
+    forged = '{"tenant": "x", "admin": true}'
+    api, worker = secured.redis_as("api"), secured.redis_as("worker")
+    ingestion, cli = secured.redis_as("ingestion"), secured.redis_as("cli")
+    try:
+        # Nobody but the operator writes API key records (a forged admin key).
+        for service in (api, worker, ingestion):
+            assert await denied(service, "SET", f"{p}:apikey:forged", forged)
+        assert await denied(worker, "GET", f"{p}:apikey:forged")
+        await cli.set(f"{p}:apikey:forged", forged)
+        await cli.delete(f"{p}:apikey:forged")
+        # Only workers write token events and request records; ingestion sees no stream.
+        assert await denied(api, "XADD", f"{p}:events:x", "*", "e", "{}")
+        assert await denied(api, "HSET", f"{p}:req:x", "owner", "me")
+        assert await denied(ingestion, "PUBLISH", f"{p}:stream:x", "{}")
+        assert await denied(ingestion, "XRANGE", f"{p}:events:x", "-", "+")
+        assert await denied(ingestion, "PUBLISH", f"{p}:cancel", "{}")
+        # Workers cannot cancel requests (only read the cancel marks).
+        assert await denied(worker, "SET", f"{p}:cancelled:x", "1")
+        # Nothing outside the prefix, and no keyspace scans or dangerous commands for anyone.
+        for service in (api, worker, ingestion, cli):
+            assert await denied(service, "GET", "other:key")
+            assert await denied(service, "KEYS", "*")
+            assert await denied(service, "SCAN", "0")
+            assert await denied(service, "FLUSHALL")
+            assert await denied(service, "CONFIG", "GET", "requirepass")
+    finally:
+        for r in (api, worker, ingestion, cli):
+            await r.aclose()
+
+
+def test_redis_acl_cli_writes_the_file_the_secured_stack_loads(tmp_path: Path) -> None:
+    """`sluice redis-acl` is how a deployment makes the file: the rules the stack above runs
+    with, passwords only as hashes."""
+    passwords = {s: secrets.token_urlsafe(16) for s in SERVICES}
+    for service, password in passwords.items():
+        (tmp_path / service).write_text(password + "\n")
+    args = [f"--password-file={s}={tmp_path / s}" for s in SERVICES]
+    env = {**os.environ, "SLUICE_REDIS_PREFIX": "acme"}
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "redis-acl", *args], capture_output=True, text=True,
+        env=env, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert out == redis_acl.acl_file("acme", passwords)
+    assert out.splitlines()[0].startswith("user default off")
+    assert all(password not in out for password in passwords.values())
+    bad = subprocess.run(
+        [sys.executable, "-m", "cli", "redis-acl", "--password-file=root=/dev/null"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "SERVICE one of api, worker, ingestion, cli" in bad.stderr
