@@ -149,11 +149,12 @@ def pod_env(overlay: str, deployment: str) -> dict[str, str]:
 def test_kustomization_renders(name: str) -> None:
     kinds = {d["kind"] for d in render(name)}
     expected = (
-        {"Kafka", "KafkaNodePool", "KafkaTopic"}
+        {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser"}
         if name == "kafka"
         else {
             "Namespace", "ConfigMap", "Secret", "Deployment", "StatefulSet", "Service",
             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject",
+            "TriggerAuthentication", "NetworkPolicy",
         }
     )  # fmt: skip
     assert kinds == expected
@@ -496,7 +497,7 @@ def test_strimzi_resources() -> None:
     )
     # The bootstrap Service Strimzi creates is what the pods and KEDA connect to.
     bootstrap = f"{kafka['metadata']['name']}-kafka-bootstrap"
-    assert settings_map("gpu")["SLUICE_KAFKA"] == f"{bootstrap}:9092"
+    assert settings_map("gpu")["SLUICE_KAFKA"] == f"{bootstrap}:9093"  # the TLS listener
     config = kafka["spec"]["kafka"]["config"]
     assert config["auto.create.topics.enable"] is False
     replicas = pool["spec"]["replicas"]
@@ -510,6 +511,168 @@ def test_strimzi_resources() -> None:
     env = settings_map("gpu")
     assert int(env["SLUICE_REQUESTS_PARTITIONS"]) == DEFAULTS.requests_partitions
     assert int(env["SLUICE_INGEST_PARTITIONS"]) == DEFAULTS.ingest_partitions
+
+
+# ------------------------------------------------------------------------------ security
+
+
+SERVICE_OF = {  # Deployment -> whose Kafka and Redis users it runs as
+    "sluice-api": "api",
+    "sluice-worker": "worker",
+    "sluice-batch-worker": "worker",
+    "sluice-ingestion": "ingestion",
+}
+
+
+def secret_ref(container: dict[str, Any], name: str) -> tuple[str, str]:
+    [entry] = [e for e in container["env"] if e["name"] == name]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_every_service_logs_in_to_kafka_and_redis_as_its_own_user(overlay: str) -> None:
+    """Kafka only over TLS with SCRAM, as the KafkaUser of the process's own service, its
+    password from the Secret Strimzi makes for that user; Redis as the service's ACL user
+    (shared/redis_acl.py), its password from sluice-redis-passwords."""
+    from shared import redis_acl
+
+    [kafka] = objects("kafka", "Kafka").values()
+    listeners = kafka["spec"]["kafka"]["listeners"]
+    assert all(lst["tls"] and lst["authentication"]["type"] == "scram-sha-512" for lst in listeners)
+    assert kafka["spec"]["kafka"]["authorization"]["type"] == "simple"
+    users = objects("kafka", "KafkaUser")
+    settings = settings_map(overlay)
+    [port] = [lst["port"] for lst in listeners]
+    assert settings["SLUICE_KAFKA"].endswith(f":{port}")
+    assert settings["SLUICE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert settings["SLUICE_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    deployments = objects(overlay, "Deployment")
+    assert set(deployments) == set(SERVICE_OF)
+    for name, deployment in deployments.items():
+        service = SERVICE_OF[name]
+        [container] = containers(deployment).values()
+        env = pod_env(overlay, name)
+        assert env["SLUICE_KAFKA_SASL_USERNAME"] == f"sluice-{service}" in users
+        assert secret_ref(container, "SLUICE_KAFKA_SASL_PASSWORD") == (
+            f"sluice-{service}",
+            "password",
+        )
+        assert env["SLUICE_REDIS_USERNAME"] == redis_acl.username(service)
+        assert secret_ref(container, "SLUICE_REDIS_PASSWORD") == ("sluice-redis-passwords", service)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        ca = Path(settings["SLUICE_KAFKA_SSL_CAFILE"])
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes[mounts[str(ca.parent)]]["secret"]
+        assert secret["secretName"] == f"{kafka['metadata']['name']}-cluster-ca-cert"
+        assert [i["path"] for i in secret["items"]] == [ca.name]
+    [redis] = objects(overlay, "StatefulSet").values()
+    args = containers(redis)["redis"]["args"]
+    assert args[args.index("--aclfile") + 1].startswith("/etc/redis/acl/")
+
+
+def acls(user: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(resource type, name, operation), prefixes marked with a trailing *."""
+    out = set()
+    for acl in user["spec"]["authorization"]["acls"]:
+        r = acl["resource"]
+        name = r["name"] + ("*" if r.get("patternType") == "prefix" else "")
+        out |= {(r["type"], name, op) for op in acl["operations"]}
+    return out
+
+
+def test_kafka_users_may_do_only_what_their_service_does() -> None:
+    """Only workers read requests, only the API writes them; nobody creates topics or reads
+    another service's group. Names follow the settings' defaults."""
+    d = DEFAULTS
+    users = {name: acls(u) for name, u in objects("kafka", "KafkaUser").items()}
+    describe = ("topic", "sluice.*", "Describe")
+    assert users["sluice-api"] == {
+        ("topic", d.requests_topic, "Write"), ("topic", d.ingest_topic, "Write"), describe,
+    }  # fmt: skip
+    assert users["sluice-worker"] == {
+        ("topic", d.requests_topic, "Read"), ("topic", d.batch_requests_topic, "Read"),
+        ("group", d.consumer_group, "Read"), ("group", d.batch_consumer_group, "Read"),
+        ("topic", d.batch_results_topic, "Write"), ("topic", d.dlq_topic, "Write"),
+        ("topic", d.batch_dlq_topic, "Write"), describe,
+    }  # fmt: skip
+    assert users["sluice-ingestion"] == {
+        ("topic", d.ingest_topic, "Read"), ("group", "sluice-ingestion", "Read"),  # its GROUP
+        ("topic", d.ingest_dlq_topic, "Write"), describe,
+    }  # fmt: skip
+    assert users["sluice-keda"] == {
+        describe, ("group", d.consumer_group, "Describe"),
+        ("group", d.batch_consumer_group, "Describe"),
+    }  # fmt: skip
+    # The Describe prefix covers every topic the code creates.
+    assert all(topic.startswith("sluice.") for topic in code_topics())
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_keda_authenticates_as_its_kafka_user(overlay: str) -> None:
+    from cloudcoil.models.keda.v1alpha1 import TriggerAuthentication
+
+    [auth] = objects(overlay, "TriggerAuthentication").values()
+    model = TriggerAuthentication.model_validate(auth)
+    assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == auth
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs["password"] == ("sluice-keda", "password")  # the KafkaUser's Secret
+    assert refs["ca"] == ("sluice-kafka-cluster-ca-cert", "ca.crt")
+    [literals] = [
+        s
+        for s in objects(overlay, "Secret").values()
+        if s["metadata"]["name"] == "sluice-keda-kafka"
+    ]
+    import base64
+
+    values = {k: base64.b64decode(v).decode() for k, v in literals["data"].items()}
+    assert values == {"sasl": "scram_sha512", "tls": "enable", "username": "sluice-keda"}
+    for name in ("sasl", "tls", "username"):
+        assert refs[name] == ("sluice-keda-kafka", name)
+    port = settings_map(overlay)["SLUICE_KAFKA"].rsplit(":", 1)[1]
+    for so in objects(overlay, "ScaledObject").values():
+        [trigger] = so["spec"]["triggers"]
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert trigger["metadata"]["bootstrapServers"].endswith(f":{port}")
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_network_policies_deny_by_default_and_open_each_pods_own_ports(overlay: str) -> None:
+    """Every Sluice pod is under the default deny, and what is let in is exactly the ports
+    its containers serve on (clients and Prometheus; Redis for Sluice's pods only)."""
+    policies = objects(overlay, "NetworkPolicy")
+    workloads = {**objects(overlay, "Deployment"), **objects(overlay, "StatefulSet")}
+
+    def selected(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+        selector = policy["spec"]["podSelector"]
+        if not selector.get("matchLabels", {}).items() <= labels.items():
+            return False
+        for e in selector.get("matchExpressions", []):
+            assert e["operator"] == "In"
+            if labels.get(e["key"]) not in e["values"]:
+                return False
+        return True
+
+    deny = policies["sluice-default-deny"]
+    assert (
+        set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in deny["spec"]
+    )
+    for name, workload in workloads.items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert selected(deny, labels), name
+        served = {
+            p["containerPort"]
+            for c in workload["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
+        opened = {
+            port["port"]
+            for policy in policies.values()
+            if policy is not deny and selected(policy, labels)
+            for rule in policy["spec"].get("ingress", [])
+            for port in rule.get("ports", [])
+        }
+        assert opened == served, name
 
 
 def fake_kafka_topics(tmp_path: Path, existing: dict[str, int]) -> tuple[Path, Path]:
