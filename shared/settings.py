@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     # http://host:19530: a Milvus server (`sluice up` starts Milvus Lite's server there if the
     # port is free); a file path: embedded Milvus Lite, for a single process only
     milvus_uri: str = "http://127.0.0.1:19530"
+    # "user:password" for a Milvus server with authorization on (Milvus Lite has none).
+    milvus_token: SecretStr = SecretStr("")
     milvus_data_dir: Path = Path.home() / ".cache" / "sluice" / "milvus"
     collection: str = "sluice_chunks"
     pinecone_api_key: str | None = None

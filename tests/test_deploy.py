@@ -560,6 +560,8 @@ def test_every_service_logs_in_to_kafka_and_redis_as_its_own_user(overlay: str) 
         )
         assert env["SLUICE_REDIS_USERNAME"] == redis_acl.username(service)
         assert secret_ref(container, "SLUICE_REDIS_PASSWORD") == ("sluice-redis-passwords", service)
+        if service in ("api", "ingestion"):  # the two that query or write the vector store
+            assert secret_ref(container, "SLUICE_MILVUS_TOKEN") == ("sluice-milvus", "token")
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         ca = Path(settings["SLUICE_KAFKA_SSL_CAFILE"])
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}

@@ -38,7 +38,7 @@ class MilvusStore:
 
     @classmethod
     def open(cls, settings: Settings, dim: int) -> MilvusStore:
-        client = connect(settings.milvus_uri)
+        client = connect(settings.milvus_uri, settings.milvus_token.get_secret_value())
         name = settings.collection
         if client.has_collection(name):
             check_dim(client, name, dim)
@@ -116,9 +116,9 @@ class MilvusStore:
         self._client.close()
 
 
-def connect(uri: str) -> MilvusClient:
+def connect(uri: str, token: str = "") -> MilvusClient:
     if uri.startswith(("http://", "https://", "tcp://", "unix:")):
-        return MilvusClient(uri=uri)
+        return MilvusClient(uri=uri, token=token)
     path = Path(uri).expanduser().resolve()
     if path.suffix != ".db":
         raise ValueError(f"milvus_uri {uri!r}: a Milvus Lite file must end in .db")
