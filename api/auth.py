@@ -21,6 +21,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.errors import unavailable
 from shared import apikeys, tracing
 from shared.settings import Settings
 
@@ -63,7 +64,7 @@ class Authenticator:
         try:
             record = await apikeys.lookup(self.redis, self.settings, key)
         except RedisError as e:
-            raise HTTPException(503, f"cannot check the API key now (Redis: {e})") from e
+            raise unavailable("cannot check the API key now (Redis unavailable)", e) from e
         if record is None:
             raise _unauthorized("invalid API key")
         if record.revoked:
@@ -145,7 +146,7 @@ async def owned_request(request_id: str, request: Request, caller: CallerDep) ->
     try:
         mine = await owns(authenticator.redis, authenticator.settings, request_id, caller)
     except RedisError as e:
-        raise HTTPException(503, f"cannot check the request's owner now (Redis: {e})") from e
+        raise unavailable("cannot check the request's owner now (Redis unavailable)", e) from e
     if not mine:
         raise HTTPException(404, f"no request {request_id}")
     return request_id

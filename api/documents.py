@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from starlette.datastructures import UploadFile
 
-from api.errors import invalid_field
+from api.errors import invalid_field, unavailable
 from api.schemas import DocumentAccepted, DocumentBody
 from shared.documents import DocumentStatus, document_from_bytes, get_status, set_status
 from shared.messages import IngestDocument
@@ -107,7 +107,7 @@ class DocumentsHandler:
         except Exception as e:
             failed = queued.model_copy(update={"status": "failed", "error": f"not enqueued: {e}"})
             await set_status(self.redis, self.settings, failed)
-            raise HTTPException(503, f"could not enqueue the document on Kafka: {e}") from e
+            raise unavailable("could not enqueue the document (Kafka unavailable)", e) from e
         return DocumentAccepted(doc_id=message.doc_id, status="queued")
 
 

@@ -11,11 +11,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 
 from api.auth import ANONYMOUS, Caller
-from api.errors import invalid_field
+from api.errors import invalid_field, unavailable
 from api.schemas import (
     GenerateBody,
     RagGenerateBody,
@@ -90,7 +89,7 @@ class RagHandler:
                     )
                 except Exception as e:
                     name = self.settings.vector_store
-                    raise HTTPException(503, f"vector store ({name}) unavailable: {e}") from e
+                    raise unavailable(f"the vector store ({name}) is unavailable", e) from e
             return self._store
 
     def close(self) -> None:

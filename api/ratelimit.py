@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.auth import Caller
+from api.errors import unavailable
 from shared.settings import Settings
 
 WINDOW_MS = 60_000
@@ -75,7 +76,7 @@ class RateLimiter:
         try:
             limit, wait_ms = await self._admit(keys=[key], args=args)
         except RedisError as e:
-            raise HTTPException(503, f"cannot check the rate limit now (Redis: {e})") from e
+            raise unavailable("cannot check the rate limit now (Redis unavailable)", e) from e
         if limit == b"requests":
             what = f"{caller.requests_per_min} requests per minute"
         elif limit == b"tokens" and wait_ms < 0:

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from api.auth import ANONYMOUS, Caller, bind
 from api.backpressure import Admission
-from api.errors import invalid_field
+from api.errors import invalid_field, unavailable
 from api.ratelimit import RateLimiter
 from api.schemas import GenerateBody, GenerateResponse
 from api.streaming import (
@@ -167,7 +167,7 @@ class GenerateHandler:
         except Exception as e:
             await self.hub.close(rid, queue)
             self.tracer.end(rid)
-            raise HTTPException(503, f"could not enqueue the request on Kafka: {e}") from e
+            raise unavailable("could not enqueue the request (Kafka unavailable)", e) from e
         self.tracer.hop(rid, tracing.KAFKA_PRODUCED, partition=sent.partition, offset=sent.offset)
         return queue
 
@@ -212,7 +212,7 @@ class GenerateHandler:
             await bind(self.hub.redis, self.settings, rid, caller)
         except RedisError as e:
             self.admission.release(rid)
-            raise HTTPException(503, f"could not record the request in Redis: {e}") from e
+            raise unavailable("could not record the request (Redis unavailable)", e) from e
 
     async def stream(
         self, body: GenerateBody, prelude: bytes = b"", caller: Caller = ANONYMOUS

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from fastapi import HTTPException
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
@@ -216,3 +217,20 @@ def test_redis_acl_cli_writes_the_file_the_secured_stack_loads(tmp_path: Path) -
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode != 0 and "SERVICE one of api, worker, ingestion, cli" in bad.stderr
+
+
+async def test_a_503_names_what_is_down_but_not_its_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Before authentication, a caller saw Redis' own error text (host, port, errno) in the 503
+    for its key. Now it reads what is down; the error itself goes to the log."""
+    from api.auth import Authenticator
+
+    port = devstack.free_port()  # nothing listens there
+    settings = Settings(redis=f"redis://127.0.0.1:{port}/0", auth_enabled=True)
+    redis = Redis(port=port)
+    with pytest.raises(HTTPException) as refused:
+        await Authenticator(settings, redis).caller("sk-sluice-anything")
+    await redis.aclose()
+    assert refused.value.status_code == 503
+    assert refused.value.detail == "cannot check the API key now (Redis unavailable); retry shortly"
+    assert refused.value.headers == {"Retry-After": "1"}
+    assert str(port) in caplog.text  # the operator still sees why
