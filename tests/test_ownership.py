@@ -22,6 +22,7 @@ from tests.fake_engine import FakeEngine
 from tests.test_worker_queue import committed, listen, produce, req, worker
 from workers.main import serve
 from workers.ownership import Claim, Owners, publish_args
+from workers.publisher import Publisher
 
 
 def as_worker(settings: Settings, worker_id: str, **overrides: object) -> Settings:
@@ -358,4 +359,61 @@ async def test_a_full_workers_partitions_are_served_by_a_worker_with_room(
         assert all([await picked_outside_the_group(redis, base, r.request_id) for r in short])
         # The partition's owner commits all four records once each request is done.
         await wait_committed(base, 4, timeout_s=30)
+    await redis.aclose()
+
+
+class SlowSends:
+    """Real Redis, but every pipeline waits 0.2 s before it is sent: a slow network, so that a
+    flush can be cancelled while its batch is on the way."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    def pipeline(self, **kwargs: object) -> object:
+        pipe = self._redis.pipeline(**kwargs)  # type: ignore[arg-type]
+        execute = pipe.execute
+
+        async def slow(*args: object, **kw: object) -> object:
+            await asyncio.sleep(0.2)
+            return await execute(*args, **kw)  # type: ignore[arg-type]
+
+        pipe.execute = slow  # type: ignore[method-assign]
+        return pipe
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._redis, name)
+
+
+async def test_a_flush_cancelled_mid_send_still_lands_before_the_next(services: Services) -> None:
+    """A worker's stop cancels its publisher loop, then flushes what is left before handing
+    requests over. A batch taken out of the queue by the cancelled flush was lost, so the
+    final flush recorded ids 5.. at positions 0..: the next owner continued from the wrong
+    place (once seen as a drain test whose client got indices out of 0..399)."""
+    settings = make_settings(services)
+    redis = Redis.from_url(settings.redis)
+    owners = Owners(redis, settings)
+    r = req(max_tokens=10)
+    rid = r.request_id
+    claim = Claim(r, 1, "interactive", settings.requests_topic, 0, 0)
+    assert (await owners.claim_new(claim))[0] == "new"
+    publisher = Publisher(SlowSends(redis), settings, owners, lambda *_: None)  # type: ignore[arg-type]
+
+    def queue(first: int, last: int) -> None:
+        tokens = [Token(index=i, text=f"t{i} ", offset=3 * i) for i in range(first, last)]
+        publisher.tokens(rid, 1, tokens, list(range(first, last)), chars=3 * last)
+
+    queue(0, 5)
+    first = asyncio.create_task(publisher.flush())
+    await asyncio.sleep(0.05)  # its batch is on the way
+    first.cancel()
+    queue(5, 10)
+    await publisher.flush()
+    ids = [int(i) for i in await redis.lrange(owners.ids_key(rid), 0, -1)]
+    assert ids == list(range(10))
+    sent = [
+        t.index
+        for _, fields in await redis.xrange(settings.events_key(rid))
+        for t in TokensEvent.model_validate_json(fields[b"e"]).tokens
+    ]
+    assert sent == list(range(10))
     await redis.aclose()

@@ -69,6 +69,7 @@ class Publisher:
         self._pending: dict[str, _Pending] = {}
         self._urgent = asyncio.Event()
         self._has_data = asyncio.Event()
+        self._flushing = asyncio.Lock()
 
     def tokens(
         self, request_id: str, epoch: int, tokens: list[Token], ids: list[int], chars: int,
@@ -111,6 +112,18 @@ class Publisher:
                 self._has_data.clear()
 
     async def flush(self) -> None:
+        """Send what is queued. One flush at a time, and never abandoned half-way, even when
+        the caller is cancelled (the worker's stop cancels the loop, then flushes what is left
+        before handing requests over): the script records a request's token ids by position,
+        so a batch lost in between, or sent after a later one, would leave a gap in the ids
+        that the next owner continues from."""
+        await asyncio.shield(self._flush_in_turn())
+
+    async def _flush_in_turn(self) -> None:
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
