@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     trace.add_argument("--json", action="store_true", help="the hops as JSON")
     trace.set_defaults(fn=_trace)
     acl = sub.add_parser(
-        "redis-acl", help="a Redis ACL file: a user per service (docs/SECURITY.md)"
+        "redis-acl", help="a Redis ACL file: a user per service (docs/RELIABILITY.md)"
     )
     acl.add_argument(
         "--password-file", action="append", default=[], metavar="SERVICE=PATH",

@@ -35,6 +35,7 @@ from bench.serving import (
     run_round,
     sluice_client,
 )
+from shared import kafka
 from shared import redis as sredis
 from shared.batch import collect
 from shared.messages import GenerationRequest, SamplingOptions
@@ -43,7 +44,7 @@ from shared.settings import Settings
 
 async def produce_burst(settings: Settings, n: int, max_tokens: int) -> float:
     """Produce `n` batch requests as fast as possible; returns the seconds it took."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka, linger_ms=10, acks=1)
+    producer = AIOKafkaProducer(**kafka.connection(settings), linger_ms=10, acks=1)
     await producer.start()
     start = time.perf_counter()
     try:
