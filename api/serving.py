@@ -189,9 +189,12 @@ class GenerateHandler:
         return Relay(queue, events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark))
 
     async def close(self, request_id: str, queue: asyncio.Queue[Event]) -> int:
-        """End one connection's relay; returns how many others of this process still relay it."""
-        self.admission.release(request_id)
-        return await self.hub.close(request_id, queue)
+        """End one connection's relay; returns how many others of this process still relay it.
+        The request stops counting as its tenant's with the last of them."""
+        others = await self.hub.close(request_id, queue)
+        if not others:
+            self.admission.release(request_id)
+        return others
 
     async def _admit(self, request: Validated, caller: Caller) -> None:
         """By key first (its rate limits), then by capacity, which so counts only requests
