@@ -331,11 +331,14 @@ def _batch(args: argparse.Namespace) -> None:
 
     settings = Settings()
     if args.action == "submit":
+        api_key = settings.api_key.get_secret_value() if settings.api_key else None
+        if api_key and args.tenant is None:
+            sys.exit("--tenant: the key's tenant (its results are on its own topic, docs/BATCH.md)")
         try:
             requests = batch.read_requests(args.file, settings, args.tenant)
         except ValueError as e:
             sys.exit(str(e))
-        asyncio.run(batch.submit(settings, requests))
+        asyncio.run(batch.submit(settings, requests, api_key))
         ids = [r.request_id for r in requests]
         ids_file = args.file.with_suffix(".ids")
         ids_file.write_text("".join(f"{i}\n" for i in ids))
@@ -346,7 +349,7 @@ def _batch(args: argparse.Namespace) -> None:
     else:
         ids = args.ids.read_text().split() if args.ids else None
         out = args.out
-    results = asyncio.run(batch.collect(settings, ids, args.timeout))
+    results = asyncio.run(batch.collect(settings, ids, args.timeout, args.tenant))
     batch.write_results(results, ids, out)
     if out is not None:
         print(f"{len(results)} results in {out}")
@@ -436,7 +439,6 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     actions = cmd.add_subparsers(dest="action", required=True)
     submit = actions.add_parser("submit", help="one request per line (docs/BATCH.md)")
     submit.add_argument("file", type=Path, help="JSONL; the request ids go to FILE.ids")
-    submit.add_argument("--tenant", default=None, help="who pays (cost attribution)")
     submit.add_argument("--wait", action="store_true", help="then collect the results")
     submit.add_argument("--out", type=Path, default=None, help="default FILE.results.jsonl")
     collect = actions.add_parser("collect", help="results from the batch results topic")
@@ -444,6 +446,11 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     collect.add_argument("--out", type=Path, default=None, help="JSONL (default: stdout)")
     for p in (submit, collect):
         p.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+        p.add_argument(
+            "--tenant", default=None,
+            help="who pays; with SLUICE_API_KEY set, the key's tenant (messages are signed "
+            "with it) and its results are read from its own topic",
+        )  # fmt: skip
     cmd.set_defaults(fn=_batch)
 
 

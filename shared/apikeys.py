@@ -4,6 +4,7 @@ A key is `sk-sluice-` and 32 random URL-safe characters. Only its SHA-256 is sto
 of Redis gives nobody a usable key; the plaintext is shown once, at creation. Records live at
 `{prefix}:apikey:<sha256>`; `{prefix}:apikey-id:<key_id>` points a key's short public id at its
 hash (to revoke by id), and the set `{prefix}:apikeys` lists the hashes (no SCAN to list).
+A key's batch signing secret (shared/batch_auth.py) is stored apart, for workers to read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
+from shared import batch_auth
 from shared.settings import Settings
 
 KEY_PREFIX = "sk-sluice-"
@@ -63,7 +65,7 @@ async def create(
     plaintext = KEY_PREFIX + secrets.token_urlsafe(24)  # 24 bytes: 32 characters
     digest = hash_key(plaintext)
     record = ApiKey(
-        key_id=digest[:12],
+        key_id=batch_auth.key_id(plaintext),
         tenant=tenant,
         created=time.time(),
         requests_per_min=requests_per_min,
@@ -74,8 +76,15 @@ async def create(
         pipe.set(_record_key(settings, digest), record.model_dump_json())
         pipe.set(_id_key(settings, record.key_id), digest)
         pipe.sadd(_index_key(settings), digest)
+        pipe.set(batch_auth.signer_key(settings, record.key_id), _signer(record, plaintext))
         await pipe.execute()
     return plaintext, record
+
+
+def _signer(record: ApiKey, plaintext: str) -> str:
+    secret = batch_auth.secret_for(plaintext)
+    signer = batch_auth.Signer(key_id=record.key_id, tenant=record.tenant, secret=secret)
+    return signer.model_dump_json()
 
 
 async def lookup(redis: Redis, settings: Settings, plaintext: str) -> ApiKey | None:
@@ -109,4 +118,10 @@ async def revoke(redis: Redis, settings: Settings, key_id: str) -> ApiKey | None
         return None
     record = ApiKey.model_validate_json(raw).model_copy(update={"revoked": True})
     await redis.set(key, record.model_dump_json())
+    # Its batch signatures stop being accepted too (workers cache signers for a few seconds).
+    signer_key = batch_auth.signer_key(settings, key_id)
+    signer = await redis.get(signer_key)
+    if signer is not None:
+        revoked = batch_auth.Signer.model_validate_json(signer).model_copy(update={"revoked": True})
+        await redis.set(signer_key, revoked.model_dump_json())
     return record

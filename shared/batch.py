@@ -8,16 +8,18 @@ Each input line is an object with an optional `correlation` (echoed in its resul
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from shared import kafka
+from shared import batch_auth, kafka
 from shared.messages import BatchResult, GenerationRequest, SamplingOptions, StrictChatMessage
 from shared.settings import Settings
 
@@ -79,8 +81,11 @@ def read_requests(
     return requests
 
 
-async def submit(settings: Settings, requests: list[GenerationRequest]) -> None:
-    """Produce the requests to the batch topic, keyed by request id."""
+async def submit(
+    settings: Settings, requests: list[GenerationRequest], api_key: str | None = None
+) -> None:
+    """Produce the requests to the batch topic, keyed by request id, signed with `api_key`
+    when given (shared/batch_auth.py)."""
     await kafka.ensure_topics(settings)
     producer = kafka.make_producer(settings)
     await producer.start()
@@ -88,11 +93,7 @@ async def submit(settings: Settings, requests: list[GenerationRequest]) -> None:
         with tqdm(total=len(requests), desc="submitting", unit="req") as bar:
             for i in range(0, len(requests), SEND_CHUNK):
                 sent = [
-                    await producer.send(
-                        settings.batch_requests_topic,
-                        value=r.model_dump_json().encode(),
-                        key=r.request_id.encode(),
-                    )
+                    await _send(producer, settings.batch_requests_topic, r, api_key)
                     for r in requests[i : i + SEND_CHUNK]
                 ]
                 for future in sent:
@@ -102,15 +103,26 @@ async def submit(settings: Settings, requests: list[GenerationRequest]) -> None:
         await producer.stop()
 
 
+async def _send(
+    producer: AIOKafkaProducer, topic: str, request: GenerationRequest, api_key: str | None
+) -> asyncio.Future[RecordMetadata]:
+    value = request.model_dump_json().encode()
+    headers = batch_auth.sign(api_key, value) if api_key else None
+    return await producer.send(topic, value=value, key=request.request_id.encode(), headers=headers)
+
+
 async def collect(
-    settings: Settings, ids: Iterable[str] | None, timeout_s: float
+    settings: Settings, ids: Iterable[str] | None, timeout_s: float, tenant: str | None = None
 ) -> dict[str, BatchResult]:
-    """Results from the start of the results topic (a consumer of its own, nothing committed):
-    those of `ids` until all are in or `timeout_s` passed, or without ids everything there is
-    now. A redelivered request may have two results; the first is kept."""
+    """Results from the start of the tenant's results topic (a consumer of its own, nothing
+    committed): those of `ids` until all are in or `timeout_s` passed, or without ids everything
+    there is now. A redelivered request may have two results; the first is kept."""
     wanted = set(ids) if ids is not None else None
+    await kafka.ensure_topic(
+        settings, batch_auth.results_topic(settings, tenant), settings.requests_partitions
+    )
     consumer = AIOKafkaConsumer(
-        settings.batch_results_topic,
+        batch_auth.results_topic(settings, tenant),
         **kafka.connection(settings),
         group_id=None,
         enable_auto_commit=False,

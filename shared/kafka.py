@@ -129,11 +129,16 @@ def _topics(settings: Settings) -> dict[str, int]:
     }
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Create Sluice's topics (requests, batch, ingestion, and their dead-letter topics) if
-    missing: every process calls this at start, so none depends on another having started
-    first. Returns those it created."""
-    wanted = _topics(settings)
+async def ensure_topic(settings: Settings, name: str, partitions: int) -> None:
+    """Create one topic if missing (e.g. a tenant's batch results topic)."""
+    await ensure_topics(settings, {name: partitions})
+
+
+async def ensure_topics(settings: Settings, wanted: dict[str, int] | None = None) -> list[str]:
+    """Create Sluice's topics (requests, batch, ingestion, and their dead-letter topics), or
+    `wanted` (name -> partitions), if missing: every process calls this at start, so none
+    depends on another having started first. Returns those it created."""
+    wanted = wanted or _topics(settings)
     admin = AIOKafkaAdminClient(**connection(settings))
     await admin.start()
     try:

@@ -7,8 +7,8 @@ SLUICE_REDIS_PASSWORD):
 
 - `sluice-api` reads API keys, heartbeats, event streams, the ledger and document statuses; it
   writes only what belongs to requests it takes in (owner, rate limit, cancel, resume, trace);
-- `sluice-worker` owns the request records and publishes tokens; it reads cancels and cannot
-  see API keys or documents;
+- `sluice-worker` owns the request records and publishes tokens; it reads cancels and the
+  batch signing secrets, and cannot see API keys or documents;
 - `sluice-ingestion` writes document statuses only;
 - `sluice-cli` is the operator's: everything under the prefix, but no dangerous commands.
 
@@ -47,7 +47,7 @@ SERVICES: dict[str, Rules] = {
         commands="+get +exists +del +expire +hget +hset +hmget +hdel +hexists +hgetall +hincrby "
         "+hincrbyfloat +rpush +llen +lrange +sadd +srem +smembers +smove +srandmember +xadd "
         "+publish +subscribe +unsubscribe",
-        read=("cancelled:*",),
+        read=("cancelled:*", "batch-signer:*"),
         write=(
             "req:*",
             "ids:*",

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     batch_requests_topic: str = "sluice.batch.requests"
     batch_results_topic: str = "sluice.batch.results"
     batch_consumer_group: str = "sluice-batch-workers"
+    # Dead-letter batch messages not signed with an API key's secret (shared/batch_auth.py):
+    # on wherever submitters other than the operator can produce to the batch topic.
+    batch_require_signature: bool = False
+    # A batch submitter's own API key (`sluice batch` signs with it); no service reads it.
+    api_key: SecretStr | None = None
     # A worker starts batch requests only while it holds fewer than this many requests in all
     # (interactive ones included); interactive ones may go up to max_in_flight. On CPU every
     # running sequence slows each engine step: keep it small; on a GPU raise it.

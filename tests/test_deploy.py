@@ -595,7 +595,7 @@ def test_kafka_users_may_do_only_what_their_service_does() -> None:
     assert users["sluice-worker"] == {
         ("topic", d.requests_topic, "Read"), ("topic", d.batch_requests_topic, "Read"),
         ("group", d.consumer_group, "Read"), ("group", d.batch_consumer_group, "Read"),
-        ("topic", d.batch_results_topic, "Write"), ("topic", d.dlq_topic, "Write"),
+        ("topic", d.batch_results_topic + "*", "Write"), ("topic", d.dlq_topic, "Write"),
         ("topic", d.batch_dlq_topic, "Write"), describe,
     }  # fmt: skip
     assert users["sluice-ingestion"] == {
@@ -608,6 +608,24 @@ def test_kafka_users_may_do_only_what_their_service_does() -> None:
     }  # fmt: skip
     # The Describe prefix covers every topic the code creates.
     assert all(topic.startswith("sluice.") for topic in code_topics())
+
+
+def test_a_batch_tenant_submits_and_reads_only_its_own_results() -> None:
+    """The example tenant (kafka/tenant-example.yaml): it writes batch requests, reads its own
+    results topic, the one the worker writes its results to, and nothing else; workers require
+    signatures, so writing requests does not let it bill anyone else."""
+    from shared import batch_auth
+
+    path = DEPLOY / "kubernetes" / "kafka" / "tenant-example.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+    topic = batch_auth.results_topic(DEFAULTS, "acme")
+    assert docs["KafkaTopic"]["metadata"]["name"] == topic
+    assert acls(docs["KafkaUser"]) == {
+        ("topic", DEFAULTS.batch_requests_topic, "Write"),
+        ("topic", DEFAULTS.batch_requests_topic, "Describe"),
+        ("topic", topic, "Read"), ("topic", topic, "Describe"),
+    }  # fmt: skip
+    assert settings_map("gpu")["SLUICE_BATCH_REQUIRE_SIGNATURE"] == "true"
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])

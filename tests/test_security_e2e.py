@@ -8,10 +8,12 @@ and, with `--authentication`, refuses the very call that creates one (docs/RELIA
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,14 +21,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fastapi import HTTPException
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from shared import devstack, kafka, redis_acl
+from shared import apikeys, batch, batch_auth, devstack, kafka, redis_acl
 from shared.devstack import LocalStack
+from shared.messages import GenerationRequest, SamplingOptions
 from shared.settings import Settings
 from tests.conftest import Services, make_settings
 
@@ -84,6 +87,7 @@ def secured(
         }
         for service in ("api", "worker", "ingestion")
     }
+    per_service["worker"]["SLUICE_BATCH_REQUIRE_SIGNATURE"] = "true"
     stack = LocalStack(settings, tmp, per_service)
     stack.start_worker()
     stack.start_ingestion()
@@ -185,6 +189,9 @@ async def test_each_service_reaches_only_what_it_needs(secured: Secured) -> None
         assert await denied(ingestion, "PUBLISH", f"{p}:cancel", "{}")
         # Workers cannot cancel requests (only read the cancel marks).
         assert await denied(worker, "SET", f"{p}:cancelled:x", "1")
+        # They read batch signers (to check signatures) but cannot add one.
+        assert not await denied(worker, "GET", f"{p}:batch-signer:x")
+        assert await denied(worker, "SET", f"{p}:batch-signer:x", forged)
         # Nothing outside the prefix, and no keyspace scans or dangerous commands for anyone.
         for service in (api, worker, ingestion, cli):
             assert await denied(service, "GET", "other:key")
@@ -234,3 +241,91 @@ async def test_a_503_names_what_is_down_but_not_its_error(caplog: pytest.LogCapt
     assert refused.value.detail == "cannot check the API key now (Redis unavailable); retry shortly"
     assert refused.value.headers == {"Retry-After": "1"}
     assert str(port) in caplog.text  # the operator still sees why
+
+
+def batch_request(tenant: str | None = None) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=uuid.uuid4().hex, prompt="Name a river.", tenant=tenant,
+        sampling=SamplingOptions(max_tokens=4, temperature=0), enqueued_at=time.time(),
+    )  # fmt: skip
+
+
+async def test_batch_tenants_come_from_signatures_not_from_the_message(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """Anyone who may produce to the batch topic could put `"tenant": "globex"` in a message
+    and bill globex. Here the worker believes only a signature made with a key's secret: the
+    signed file is served and its results land on acme's own topic; the forgeries are parked
+    in the DLQ with their reasons, unrun."""
+    settings = secured.stack.settings
+    cli = secured.redis_as("cli")
+    acme_key, _ = await apikeys.create(cli, settings, "acme")
+    retired_key, retired = await apikeys.create(cli, settings, "acme")
+    await apikeys.revoke(cli, settings, retired.key_id)
+    await cli.aclose()
+
+    # The submitter's way: `sluice batch submit` with its key in SLUICE_API_KEY.
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"correlation": "a", "prompt": "Name a river.", "max_tokens": 4}\n')
+    env = {**os.environ, **secured.stack.env, "SLUICE_API_KEY": acme_key}
+    run = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "cli", "batch", "submit", str(jobs), "--tenant",
+        "acme", "--wait", "--timeout", "300"], capture_output=True, text=True, env=env,
+        timeout=400, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = (tmp_path / "jobs.results.jsonl").read_text().splitlines()
+    assert len(results) == 1 and json.loads(results[0])["finish_reason"] == "length"
+
+    # Forgeries, produced straight to the topic.
+    def signed(request: GenerationRequest, key: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+        value = request.model_dump_json().encode()
+        return value, batch_auth.sign(key, value)
+
+    unsigned = batch_request("acme")
+    billed_elsewhere = batch_request("globex")
+    tampered = batch_request("acme")
+    revoked = batch_request("acme")
+    value, headers = signed(tampered, acme_key)
+    forged = {
+        unsigned.request_id: (unsigned.model_dump_json().encode(), None),
+        billed_elsewhere.request_id: signed(billed_elsewhere, acme_key),
+        tampered.request_id: (value.replace(b"river", b"ocean"), headers),
+        revoked.request_id: signed(revoked, retired_key),
+    }
+    producer = AIOKafkaProducer(**kafka.connection(settings))
+    await producer.start()
+    for rid, (value, headers) in forged.items():
+        await producer.send_and_wait(
+            settings.batch_requests_topic, value, key=rid.encode(), headers=headers
+        )
+    await producer.stop()
+    reasons = await dead_lettered(settings, set(forged))
+    assert "unsigned" in reasons[unsigned.request_id]
+    assert "not the signing key's tenant" in reasons[billed_elsewhere.request_id]
+    assert "does not match the message" in reasons[tampered.request_id]
+    assert "is revoked" in reasons[revoked.request_id]
+    # None of them ran: no result anywhere, the shared topic holds nothing at all.
+    shared = await batch.collect(settings, None, timeout_s=10)
+    assert shared == {}
+    acme = await batch.collect(settings, None, timeout_s=10, tenant="acme")
+    assert len(acme) == 1 and not set(forged) & set(acme)
+
+
+async def dead_lettered(settings: Settings, ids: set[str]) -> dict[str, str]:
+    """The DLQ reason of each of `ids`, once all are there."""
+    consumer = AIOKafkaConsumer(
+        settings.batch_dlq_topic, **kafka.connection(settings), group_id=None,
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )  # fmt: skip
+    await consumer.start()
+    reasons: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(120):
+            while not ids <= reasons.keys():
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for r in records:
+                        reasons[r.key.decode()] = dict(r.headers)["sluice.dlq.reason"].decode()
+    finally:
+        await consumer.stop()
+    return reasons

@@ -49,7 +49,8 @@ from workers.gpu import register_gpu_metrics
 from workers.ownership import Claim, Owners
 from workers.publisher import Publisher
 from workers.rescue import Rescue
-from workers.sinks import BatchSink, Progress, Sink, StreamSink, done_event
+from workers.signers import Forged, Signers
+from workers.sinks import BatchSink, Progress, ResultTopics, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
 from workers.utilization import sample_utilization
 
@@ -80,6 +81,8 @@ class Worker:
         self.publisher = Publisher(redis, settings, self.owners, self._fenced, self.tracer)
         self.cost = CostMeter(settings, engine.model)
         self.ledger = Ledger(redis, settings)
+        self.signers = Signers(redis, settings)
+        self.results = ResultTopics(settings)
         s = settings
         self.interactive = None
         if consumer is not None:
@@ -171,6 +174,7 @@ class Worker:
             raise self._lost
 
     def _topics_recreated(self, created: list[str]) -> None:
+        self.results.forget()
         # The broker lost its state: this worker's group membership, positions and pending
         # commits refer to logs that are gone. Reconnect rather than wait for a commit to hang.
         if any(feed.topic in created for feed in self.feeds):
@@ -244,11 +248,13 @@ class Worker:
         if tp is not None:
             feed.offsets.started(tp, record.offset)
         try:
-            request = GenerationRequest.model_validate_json(record.value or b"")
-        except ValidationError as e:
+            request = await self._parse(feed, record)
+        except (ValidationError, Forged) as e:
             if tp is not None:
                 await kafka.dead_letter(self.producer, feed.dlq_topic, record, _reason(e))
                 feed.offsets.finished(tp, record.offset)
+            return
+        if request is None:  # stopping before it could be checked: redelivered
             return
         metrics.KAFKA_QUEUE_TIME.labels(record.topic).observe(
             max(0.0, time.time() - request.enqueued_at)
@@ -280,6 +286,20 @@ class Worker:
                 feed.watch(self.owners, tp, record.offset, rid)
             return
         self.start(claim, feed, tp)
+
+    async def _parse(self, feed: Feed, record: ConsumerRecord) -> GenerationRequest | None:
+        """The record's request, its tenant verified if it is a batch one. Raises
+        ValidationError or Forged; None if the worker stopped while Redis was unreachable."""
+        request = GenerationRequest.model_validate_json(record.value or b"")
+        if not feed.batch:
+            return request
+        while not self.stopping.is_set():
+            try:
+                return await self.signers.verified(record, request)
+            except RedisError as e:
+                log.warning("cannot check the signature of %s now (%s)", request.request_id, e)
+                await asyncio.sleep(1.0)
+        return None
 
     def start(self, claim: Claim, feed: Feed, tp: TopicPartition | None) -> None:
         """Serve a request this worker owns; `tp` is None for one taken over from another
@@ -422,7 +442,7 @@ class Worker:
         if running.feed.batch:
             return BatchSink(
                 self.producer,
-                self.settings.batch_results_topic,
+                self.results,
                 claim.request,
                 lambda: self.owners.finish_quietly(rid, claim.epoch),
             )
@@ -564,7 +584,9 @@ class Worker:
         return sorted(tp.partition for tp in self.interactive.holding)
 
 
-def _reason(error: ValidationError) -> str:
+def _reason(error: ValidationError | Forged) -> str:
+    if isinstance(error, Forged):
+        return f"batch message refused: {error}"
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "message"
     return f"invalid request message: {where}: {first['msg']} ({error.error_count()} errors)"

@@ -17,6 +17,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from shared import batch_auth, kafka
 from shared.messages import (
     BatchResult,
     DoneEvent,
@@ -26,6 +27,7 @@ from shared.messages import (
     Token,
     Usage,
 )
+from shared.settings import Settings
 from workers.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,25 @@ class StreamSink:
         return await self._publisher.finish(self._rid, self._epoch, event)
 
 
+class ResultTopics:
+    """Each tenant's batch results topic (shared/batch_auth.py), created when first needed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._known: set[str] = set()
+
+    async def ensure(self, tenant: str | None) -> str:
+        topic = batch_auth.results_topic(self._settings, tenant)
+        if topic not in self._known:
+            await kafka.ensure_topic(self._settings, topic, self._settings.requests_partitions)
+            self._known.add(topic)
+        return topic
+
+    def forget(self) -> None:
+        """The broker lost its topics (a dev broker restarted): create them again."""
+        self._known.clear()
+
+
 class BatchSink:
     """Nobody watches a batch request stream: its text is gathered and produced once, keyed by
     request id. Rejections and failures become results too (`error` set), so that a submitter
@@ -116,12 +137,12 @@ class BatchSink:
     def __init__(
         self,
         producer: AIOKafkaProducer,
-        topic: str,
+        topics: ResultTopics,
         request: GenerationRequest,
         finish: Callable[[], Awaitable[bool]],
     ) -> None:
         self._producer = producer
-        self._topic = topic
+        self._topics = topics
         self._request = request
         self._finish = finish
         self._parts: list[str] = []
@@ -156,7 +177,8 @@ class BatchSink:
         # worker that stops meanwhile cancels this and the request is redelivered.
         while True:
             try:
-                await self._producer.send_and_wait(self._topic, value=value, key=key)
+                topic = await self._topics.ensure(self._request.tenant)
+                await self._producer.send_and_wait(topic, value=value, key=key)
                 return
             except KafkaError as e:
                 log.warning("producing the result of %s failed (%s); retrying", key, e)
