@@ -184,7 +184,7 @@ def _ingest(args: argparse.Namespace) -> None:
 def _cost(args: argparse.Namespace) -> None:
     import asyncio
 
-    from shared import cost
+    from shared import cost, ledger
     from shared import redis as sredis
     from shared.settings import Settings
 
@@ -197,7 +197,7 @@ def _cost(args: argparse.Namespace) -> None:
     async def read() -> cost.CostReport:
         redis = sredis.connect(settings)
         try:
-            return await cost.report(redis, settings, window_s)
+            return await cost.report(ledger.Reader(redis, settings), settings, window_s)
         finally:
             await redis.aclose()
 

@@ -38,13 +38,16 @@ from api.schemas import (
 )
 from api.serving import GenerateHandler
 from api.streaming import StreamHub
-from shared import cost, kafka, metrics
+from shared import cost, kafka, ledger, metrics
 from shared import redis as sredis
 from shared.documents import DocumentStatus
 from shared.embeddings import Embedder
 from shared.models import model_path
 from shared.settings import Settings
 from shared.tracing import Tracer
+
+# Ledger windows are cached this long: /usage and /cost answers may lag a flush (5 s) anyway.
+LEDGER_CACHE_S = 10.0
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -66,6 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.generate = GenerateHandler(settings, tokenizer, producer, hub, tracer)
         app.state.openai = OpenAIHandler(settings, app.state.generate, redis)
         app.state.documents = DocumentsHandler(settings, producer, redis)
+        app.state.ledger = ledger.Reader(redis, settings, cache_s=LEDGER_CACHE_S)
         embedder = await asyncio.to_thread(Embedder.load, settings)
         template = PromptTemplate.load(settings.rag_prompt_template)
         app.state.rag = RagHandler(settings, app.state.generate, embedder, template)
@@ -161,15 +165,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def cost_report(request: Request, _: AdminDep, window: str = "1h") -> cost.CostReport:
         """Cost over the last `window` (15m, 1h, 7d...) for the whole fleet, with monthly
         projections and recommendations (docs/COST.md)."""
-        return await cost.report(request.app.state.redis, settings, _window(window))
+        return await cost.report(request.app.state.ledger, settings, _window(window))
 
     @app.get("/usage", response_model=cost.TenantUsage)
     async def tenant_usage(
         request: Request, caller: CallerDep, window: str = "1h"
     ) -> cost.TenantUsage:
         """The calling key's tenant's requests, tokens and cost over the last `window`."""
-        redis = request.app.state.redis
-        return await cost.tenant_usage(redis, settings, caller.tenant, _window(window))
+        reader = request.app.state.ledger
+        return await cost.tenant_usage(reader, settings, caller.tenant, _window(window))
 
     @app.get("/health")
     async def health(request: Request, ready: bool = False) -> JSONResponse:

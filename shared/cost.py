@@ -15,7 +15,6 @@ import re
 import time
 
 from pydantic import BaseModel
-from redis.asyncio import Redis
 
 from shared import ledger
 from shared.settings import Settings
@@ -44,9 +43,8 @@ def parse_window(text: str) -> float:
     return seconds
 
 
-async def report(redis: Redis, settings: Settings, window_s: float) -> CostReport:
-    end = time.time()
-    totals = await ledger.totals(redis, settings, window_s, end)
+async def report(reader: ledger.Reader, settings: Settings, window_s: float) -> CostReport:
+    end, totals = await reader.window(window_s)
     return build_report(totals, settings, window_s, end)
 
 
@@ -110,10 +108,9 @@ class TenantUsage(WindowTotals):
 
 
 async def tenant_usage(
-    redis: Redis, settings: Settings, tenant: str, window_s: float
+    reader: ledger.Reader, settings: Settings, tenant: str, window_s: float
 ) -> TenantUsage:
-    end = time.time()
-    totals = await ledger.totals(redis, settings, window_s, end)
+    end, totals = await reader.window(window_s)
     requests = int(totals.get(f"requests@tenant:{tenant}", 0))
     dollars = totals.get(f"dollars@tenant:{tenant}", 0.0)
     return TenantUsage(

@@ -2,9 +2,11 @@
 
 Prometheus answers "what is happening"; the ledger answers "what did the last hour (or week)
 cost", for `GET /cost` and `sluice cost report`, with no Prometheus in the loop. Each worker
-accumulates amounts in memory and adds them to the current minute's Redis hash every few
-seconds (HINCRBYFLOAT), so any number of workers sum up without coordination and a reader
-sums the buckets of a window.
+accumulates amounts in memory and adds them to the current minute's and the current hour's
+Redis hashes every few seconds (HINCRBYFLOAT), so any number of workers sum up without
+coordination and a reader sums the buckets of a window: minutes for windows up to two hours,
+hours beyond (a week is 169 hashes, not 10,080). Minute buckets live three hours, hour buckets
+eight days, so the ledger holds at most ~370 keys whatever the traffic.
 
 Fields (all sums over the bucket): requests, prompt_tokens, completion_tokens, dollars
 (attributed to requests), attributed_seconds, worker_seconds (workers alive), busy_seconds
@@ -16,6 +18,7 @@ per tenant `requests@tenant:`, `prompt_tokens@tenant:` and `completion_tokens@te
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 
@@ -24,11 +27,17 @@ from redis.asyncio import Redis
 from shared.settings import Settings
 
 BUCKET_S = 60
+HOUR_S = 3600
+MINUTE_WINDOW_MAX_S = 2 * HOUR_S  # longer windows are summed by the hour
+MINUTE_RETENTION_S = 3 * HOUR_S
 RETENTION_S = 8 * 86400  # a week's report, plus a day of slack
 
 
-def bucket_key(settings: Settings, t: float) -> str:
-    return f"{settings.redis_prefix}:ledger:{int(t // BUCKET_S) * BUCKET_S}"
+def bucket_key(settings: Settings, t: float, size: int = BUCKET_S) -> str:
+    start = int(t // size) * size
+    if size == BUCKET_S:
+        return f"{settings.redis_prefix}:ledger:{start}"
+    return f"{settings.redis_prefix}:ledger:h:{start}"
 
 
 class Ledger:
@@ -47,11 +56,13 @@ class Ledger:
         if not self._pending:
             return
         amounts, self._pending = self._pending, defaultdict(float)
-        key = bucket_key(self._settings, time.time())
+        now = time.time()
         pipe = self._redis.pipeline(transaction=True)  # a bucket never holds half a flush
-        for field, amount in amounts.items():
-            pipe.hincrbyfloat(key, field, amount)
-        pipe.expire(key, RETENTION_S)
+        for size, keep in ((BUCKET_S, MINUTE_RETENTION_S), (HOUR_S, RETENTION_S)):
+            key = bucket_key(self._settings, now, size)
+            for field, amount in amounts.items():
+                pipe.hincrbyfloat(key, field, amount)
+            pipe.expire(key, keep)
         try:
             await pipe.execute()
         except Exception:
@@ -63,15 +74,44 @@ class Ledger:
 async def totals(
     redis: Redis, settings: Settings, window_s: float, now: float | None = None
 ) -> dict[str, float]:
-    """Sums of every field over the buckets that overlap the last `window_s` seconds."""
+    """Sums of every field over the buckets that overlap the last `window_s` seconds (minutes,
+    or hours past MINUTE_WINDOW_MAX_S)."""
     now = time.time() if now is None else now
-    first = int((now - window_s) // BUCKET_S) * BUCKET_S
-    keys = [bucket_key(settings, t) for t in range(first, int(now) + 1, BUCKET_S)]
     pipe = redis.pipeline(transaction=False)
-    for key in keys:
+    for key in window_keys(settings, window_s, now):
         pipe.hgetall(key)
     sums: defaultdict[str, float] = defaultdict(float)
     for bucket in await pipe.execute():
         for field, value in bucket.items():
             sums[field.decode()] += float(value)
     return dict(sums)
+
+
+def window_keys(settings: Settings, window_s: float, now: float) -> list[str]:
+    size = BUCKET_S if window_s <= MINUTE_WINDOW_MAX_S else HOUR_S
+    first = int((now - window_s) // size) * size
+    return [bucket_key(settings, t, size) for t in range(first, int(now) + 1, size)]
+
+
+class Reader:
+    """Window totals, each kept `cache_s` so that many readers of `/usage` or `/cost` cost Redis
+    one read of the window between them (concurrent callers share the read in flight)."""
+
+    def __init__(self, redis: Redis, settings: Settings, cache_s: float = 0.0) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._cache_s = cache_s
+        self._reads: dict[float, tuple[float, asyncio.Task[dict[str, float]]]] = {}
+
+    async def window(self, window_s: float) -> tuple[float, dict[str, float]]:
+        """(the window's end, its totals)."""
+        now = time.time()
+        cached = self._reads.get(window_s)
+        if cached is None or now - cached[0] > self._cache_s or _failed(cached[1]):
+            task = asyncio.ensure_future(totals(self._redis, self._settings, window_s, now))
+            cached = self._reads[window_s] = (now, task)
+        return cached[0], dict(await asyncio.shield(cached[1]))
+
+
+def _failed(task: asyncio.Task[dict[str, float]]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)

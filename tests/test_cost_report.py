@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from shared import cost, ledger
 from shared import redis as sredis
+from shared.settings import Settings
 from tests.conftest import Services, make_settings
 
 HOUR = 3600.0
@@ -41,7 +43,6 @@ def test_per_request_and_per_token_costs_use_what_the_fleet_cost(services: Servi
 
 
 def test_spot_discount_and_gpus_per_instance_price_a_worker() -> None:
-    from shared.settings import Settings
 
     s = Settings(instance_hourly_usd=8.0, gpus_per_instance=4, spot_discount=0.5)
     assert cost.worker_hourly_usd(s) == pytest.approx(1.0)
@@ -124,12 +125,48 @@ async def test_ledgers_of_several_workers_add_up_within_the_window(services: Ser
             await one.flush()
         a.add("requests", 1)
         await a.flush()
-        # Something two hours old is outside a one-hour window.
-        old = ledger.bucket_key(settings, time.time() - 2 * HOUR)
-        await redis.hset(old, "requests", 100)
+        # Something two hours old is outside a one-hour window (written as a flush would).
+        then = time.time() - 2 * HOUR
+        for size in (ledger.BUCKET_S, ledger.HOUR_S):
+            await redis.hset(ledger.bucket_key(settings, then, size), "requests", 100)
         sums = await ledger.totals(redis, settings, HOUR)
         assert sums == {"requests": 7.0, "dollars": 0.5}
         assert (await ledger.totals(redis, settings, 3 * HOUR))["requests"] == 107.0
-        assert 0 < await redis.ttl(ledger.bucket_key(settings, time.time())) <= ledger.RETENTION_S
+        # Minute buckets go after three hours, hour buckets after eight days.
+        now = time.time()
+        minute_ttl = await redis.ttl(ledger.bucket_key(settings, now))
+        hour_ttl = await redis.ttl(ledger.bucket_key(settings, now, ledger.HOUR_S))
+        assert 0 < minute_ttl <= ledger.MINUTE_RETENTION_S < hour_ttl <= ledger.RETENTION_S
+    finally:
+        await redis.aclose()
+
+
+def test_a_week_is_read_by_the_hour_not_by_the_minute() -> None:
+    """`/usage?window=7d` read 10,081 minute hashes a call (and the ledger kept 11,520 of
+    them); now a window past two hours reads hour buckets."""
+    settings = Settings()
+    now = time.time()
+    assert len(ledger.window_keys(settings, 7 * 86400, now)) <= 7 * 24 + 1
+    assert len(ledger.window_keys(settings, HOUR, now)) <= 61  # short windows keep minutes
+    kept = ledger.MINUTE_RETENTION_S // ledger.BUCKET_S + ledger.RETENTION_S // ledger.HOUR_S
+    assert kept < 400
+
+
+async def test_readers_of_a_window_share_one_read(services: Services) -> None:
+    """Many `/usage` calls within the cache time cost Redis one read of the window."""
+    settings = make_settings(services)
+    redis = sredis.connect(settings)
+    try:
+        writer = ledger.Ledger(redis, settings)
+        writer.add("requests", 2)
+        await writer.flush()
+        cached = ledger.Reader(redis, settings, cache_s=60)
+        reads = await asyncio.gather(*(cached.window(HOUR) for _ in range(20)))
+        assert {r[1]["requests"] for r in reads} == {2.0} and len({r[0] for r in reads}) == 1
+        writer.add("requests", 1)
+        await writer.flush()
+        assert (await cached.window(HOUR))[1]["requests"] == 2.0  # still the cached read
+        fresh = ledger.Reader(redis, settings)
+        assert (await fresh.window(HOUR))[1]["requests"] == 3.0
     finally:
         await redis.aclose()
