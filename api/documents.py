@@ -91,7 +91,10 @@ class DocumentsHandler:
     async def status(self, doc_id: str) -> DocumentStatus:
         status = await get_status(self.redis, self.settings, doc_id)
         if status is None:
-            raise HTTPException(404, f"no document {doc_id!r}")
+            days = self.settings.document_status_ttl_s / 86400
+            raise HTTPException(
+                404, f"no ingestion status for {doc_id!r} (statuses are kept {days:g} days)"
+            )
         return status
 
     async def _enqueue(self, message: IngestDocument) -> DocumentAccepted:

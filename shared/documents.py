@@ -4,6 +4,9 @@ queued  -> the API (or `sluice ingest`) put it on sluice.ingest
 indexed -> its chunks are in the vector store (`chunks` of them)
 deleted -> its chunks were removed
 failed  -> it could not be ingested (`error` says why); earlier chunks, if any, are untouched
+
+Each status expires SLUICE_DOCUMENT_STATUS_TTL_S (a week) after its last change: a receipt,
+not a catalogue, so the keyspace does not grow with every document ever sent.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class DocumentStatus(BaseModel):
 
 async def set_status(redis: Redis, settings: Settings, status: DocumentStatus) -> None:
     status = status.model_copy(update={"updated_at": time.time()})
-    await redis.set(settings.document_key(status.doc_id), status.model_dump_json())
+    key, ttl = settings.document_key(status.doc_id), settings.document_status_ttl_s
+    await redis.set(key, status.model_dump_json(), ex=ttl)
 
 
 async def get_status(redis: Redis, settings: Settings, doc_id: str) -> DocumentStatus | None:

@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap_tokens: int = Field(32, ge=0)
     max_document_bytes: int = Field(5 * 2**20, ge=1)
+    # A document's ingestion status (GET /documents/{id}) is a receipt, kept this long after
+    # its last change; the document itself stays in the vector store.
+    document_status_ttl_s: int = Field(7 * 86400, ge=60)
     rag_top_k: int = Field(4, ge=1, le=50)
     # Off: on the stdlib-docstring evaluation dense alone beat dense+BM25 (docs/RAG.md)
     rag_hybrid: bool = False

@@ -159,6 +159,9 @@ async def test_text_document_is_indexed(rig: Rig) -> None:
     assert [c.text for c in chunks] == expected
     assert [c.id for c in chunks] == [f"guide/intro.txt#{i}" for i in range(len(expected))]
     assert {(c.title, c.source) for c in chunks} == {("Intro", "guide/intro.txt")}
+    # The status is a receipt that expires: statuses once piled up forever, one per document.
+    ttl = await rig.redis.ttl(rig.settings.document_key(doc.doc_id))
+    assert 0 < ttl <= rig.settings.document_status_ttl_s
 
 
 async def test_unchanged_document_is_not_embedded_again(rig: Rig) -> None:
