@@ -144,8 +144,8 @@ def create_app(settings: Settings) -> FastAPI:
         return await request.app.state.rag.answer(body, caller, request.is_disconnected)
 
     @app.post("/retrieve", response_model=RetrieveResponse)
-    async def retrieve(body: RetrieveBody, request: Request, _: CallerDep) -> RetrieveResponse:
-        return await request.app.state.rag.ranked(body)
+    async def retrieve(body: RetrieveBody, request: Request, caller: CallerDep) -> RetrieveResponse:
+        return await request.app.state.rag.ranked(body, caller)
 
     @app.post("/documents", status_code=202, response_model=DocumentAccepted)
     async def add_document(request: Request, _: AdminDep) -> DocumentAccepted:

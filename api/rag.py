@@ -23,7 +23,7 @@ from api.schemas import (
     RetrieveResponse,
     Source,
 )
-from api.serving import GenerateHandler, HungUp
+from api.serving import GenerateHandler, HungUp, new_request_id
 from api.streaming import sse
 from shared import metrics
 from shared.embeddings import Embedder
@@ -119,13 +119,17 @@ class RagHandler:
         metrics.RETRIEVAL_LATENCY.labels(mode).observe(time.perf_counter() - start)
         return hits
 
-    async def ranked(self, body: RetrieveBody) -> RetrieveResponse:
+    async def ranked(self, body: RetrieveBody, caller: Caller = ANONYMOUS) -> RetrieveResponse:
+        await self.generate.limiter.admit(caller, new_request_id(), 0)
         return RetrieveResponse(results=sources(await self.retrieve(body)))
 
     async def answer(
         self, body: RagGenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> StreamingResponse | RagGenerateResponse:
-        passages = self._fit(body, await self.retrieve(body))
+        # Counted against the key before retrieval; the generation's admission replaces it.
+        rid = new_request_id()
+        await self.generate.limiter.admit(caller, rid, 0)
+        passages = await asyncio.to_thread(self._fit, body, await self.retrieve(body))
         request = GenerateBody(
             messages=self.template.messages(body.query, passages),
             max_tokens=body.max_tokens,
@@ -138,20 +142,35 @@ class RagHandler:
         cited = sources(passages)
         if body.stream:
             prelude = sse("sources", {"sources": [s.model_dump() for s in cited]})
-            return await self.generate.stream(request, prelude=prelude, caller=caller)
-        response = await self.generate.complete(request, caller, hung_up)
+            return await self.generate.stream(request, prelude, caller, request_id=rid)
+        response = await self.generate.complete(request, caller, hung_up, request_id=rid)
         return RagGenerateResponse(**response.model_dump(), sources=cited)
 
     def _fit(self, body: RagGenerateBody, passages: list[Retrieved]) -> list[Retrieved]:
         """Drop the lowest-ranked passages until prompt + max_tokens fits the model's context
-        (the question itself must fit; GenerateHandler rejects it with a 422 otherwise)."""
+        (the question itself must fit; GenerateHandler rejects it with a 422 otherwise).
+        Each passage is tokenized once and the whole prompt only when the sum says it fits:
+        not the whole prompt again per dropped passage (50 passages: 50 prompts)."""
         budget = self.settings.max_model_len - (body.max_tokens or self.settings.default_max_tokens)
-        while passages:
-            prompt = GenerateBody(messages=self.template.messages(body.query, passages))
-            if len(prompt_token_ids(self.generate.tokenizer, prompt)) <= budget:
-                break
-            passages = passages[:-1]
-        return passages
+        tokenizer = self.generate.tokenizer
+
+        def prompt_tokens(kept: list[Retrieved]) -> int:
+            prompt = GenerateBody(messages=self.template.messages(body.query, kept))
+            return len(prompt_token_ids(tokenizer, prompt))
+
+        total = prompt_tokens(passages)
+        if total <= budget:
+            return passages
+        kept = len(passages)
+        while kept > 0 and total > budget:  # an estimate: passages tokenize a little apart
+            kept -= 1
+            text = f"[{kept + 1}] {_label(passages[kept])}\n{passages[kept].chunk.text}\n\n"
+            total -= len(tokenizer.encode(text, add_special_tokens=False))
+        while kept < len(passages) and prompt_tokens(passages[: kept + 1]) <= budget:
+            kept += 1
+        while kept > 0 and prompt_tokens(passages[:kept]) > budget:
+            kept -= 1
+        return passages[:kept]
 
 
 def sources(passages: list[Retrieved]) -> list[Source]:

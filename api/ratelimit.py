@@ -6,6 +6,11 @@ and records the admission only if both pass, atomically, so concurrent API proce
 overshoot, and a refused request costs the caller nothing. The window slides (a log, not fixed
 minutes), so a burst at a minute boundary cannot get twice the limit, and `Retry-After` is the
 exact time until enough of the window has expired.
+
+A retrieval (`/retrieve`, and the retrieval of `/rag-generate`) is admitted as one request of
+0 tokens under its request id; when `/rag-generate` then admits its generation under the same
+id, that admission replaces the retrieval's: one call, one request, refused before it touches
+the vector store when the key is over its limit.
 """
 
 from __future__ import annotations
@@ -29,15 +34,23 @@ local tokens, member = tonumber(ARGV[4]), ARGV[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+-- this request's retrieval, admitted before it: replaced by this admission, kept if refused
+local retrieval = member .. ':0'
+local held = tokens > 0 and redis.call('ZSCORE', KEYS[1], retrieval)
+if held then redis.call('ZREM', KEYS[1], retrieval) end
+local function refuse(limit, wait)
+  if held then redis.call('ZADD', KEYS[1], held, retrieval) end
+  return {limit, wait}
+end
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local n = #entries / 2
 if rpm > 0 and n >= rpm then
   -- the (n - rpm + 1)th oldest admission has to leave the window first
-  return {'requests', tonumber(entries[(n - rpm) * 2 + 2]) + window - now}
+  return refuse('requests', tonumber(entries[(n - rpm) * 2 + 2]) + window - now)
 end
 if tpm > 0 then
   if tokens > tpm then
-    return {'tokens', -1}
+    return refuse('tokens', -1)
   end
   local used, sizes = 0, {}
   for i = 1, #entries, 2 do
@@ -49,7 +62,7 @@ if tpm > 0 then
     for i = 1, #sizes do
       used = used - sizes[i]
       if used + tokens <= tpm then
-        return {'tokens', tonumber(entries[i * 2]) + window - now}
+        return refuse('tokens', tonumber(entries[i * 2]) + window - now)
       end
     end
   end

@@ -76,6 +76,11 @@ DOC_ID = Field(None, min_length=1, max_length=DOC_ID_MAX, pattern=DOC_ID_PATTERN
 # The same rules for `/documents/{doc_id}`: an id no document can have is a 422, not a 500.
 DocIdPath = Annotated[str, Path(min_length=1, max_length=DOC_ID_MAX, pattern=DOC_ID_PATTERN)]
 FilterValue = MetadataValue | list[MetadataValue]
+MAX_FILTER_FIELDS, MAX_FILTER_VALUES, MAX_FILTER_CHARS = 16, 100, 256
+
+
+def _as_list(value: FilterValue) -> list[MetadataValue]:
+    return value if isinstance(value, list) else [value]
 
 
 class DocumentBody(BaseModel):
@@ -122,6 +127,24 @@ class RetrieveBody(BaseModel):
         if not query.strip():
             raise ValueError("must not be blank")
         return query
+
+    @field_validator("filters")
+    @classmethod
+    def _filters_bounded(cls, filters: dict[str, FilterValue] | None) -> dict | None:
+        # Each value becomes a term of the store's filter expression: a 1 MiB filter made a
+        # ~100k-term Milvus expression.
+        if filters is None:
+            return None
+        if len(filters) > MAX_FILTER_FIELDS:
+            raise ValueError(f"at most {MAX_FILTER_FIELDS} fields")
+        values = [v for value in filters.values() for v in _as_list(value)]
+        if len(values) > MAX_FILTER_VALUES:
+            raise ValueError(f"at most {MAX_FILTER_VALUES} values in all")
+        if any(len(k) > MAX_FILTER_CHARS for k in filters) or any(
+            isinstance(v, str) and len(v) > MAX_FILTER_CHARS for v in values
+        ):
+            raise ValueError(f"names and values of at most {MAX_FILTER_CHARS} characters")
+        return filters
 
 
 class Source(BaseModel):

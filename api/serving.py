@@ -77,6 +77,10 @@ class Relay(NamedTuple):
     generation: int = 0
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex  # random: request ids are bound to their key, never guessed
+
+
 class GenerateHandler:
     def __init__(
         self,
@@ -99,8 +103,11 @@ class GenerateHandler:
         self.limiter = RateLimiter(hub.redis, settings)
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    async def to_message(self, body: GenerateBody, tenant: str | None = None) -> Validated:
-        """The wire message, or a 422 naming the field, before anything is enqueued."""
+    async def to_message(
+        self, body: GenerateBody, tenant: str | None = None, request_id: str | None = None
+    ) -> Validated:
+        """The wire message, or a 422 naming the field, before anything is enqueued.
+        `request_id`: one already admitted for a retrieval (api/ratelimit.py); else a new one."""
         most = self.settings.max_messages
         if body.messages is not None and len(body.messages) > most:
             # Before tokenizing: the chat template's cost grows with every message.
@@ -141,7 +148,7 @@ class GenerateHandler:
             body.timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
         )
         message = GenerationRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or new_request_id(),
             prompt=body.prompt,
             messages=body.messages,
             sampling=sampling,
@@ -218,11 +225,15 @@ class GenerateHandler:
             raise unavailable("could not record the request (Redis unavailable)", e) from e
 
     async def stream(
-        self, body: GenerateBody, prelude: bytes = b"", caller: Caller = ANONYMOUS
+        self,
+        body: GenerateBody,
+        prelude: bytes = b"",
+        caller: Caller = ANONYMOUS,
+        request_id: str | None = None,
     ) -> StreamingResponse:
         """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first.
         A client that goes away before the end cancels the request."""
-        request = await self.to_message(body, caller.tenant)
+        request = await self.to_message(body, caller.tenant, request_id)
         relay = await self.submit(request, caller)
         return self._sse(request.message.request_id, relay, prelude)
 
@@ -322,9 +333,13 @@ class GenerateHandler:
             self.release(rid, relay, cancel=not ended)
 
     async def complete(
-        self, body: GenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
+        self,
+        body: GenerateBody,
+        caller: Caller = ANONYMOUS,
+        hung_up: HungUp | None = None,
+        request_id: str | None = None,
     ) -> GenerateResponse:
-        request = await self.to_message(body, caller.tenant)
+        request = await self.to_message(body, caller.tenant, request_id)
         try:
             text, done = await self.collect(request, caller, hung_up)
         except RequestFailed as e:

@@ -38,7 +38,7 @@ class Rules:
 SERVICES: dict[str, Rules] = {
     "api": Rules(
         commands="+get +set +mget +exists +expire +pexpire +incr +hgetall +zadd +zrange +zrem "
-        "+zremrangebyscore +time +rpush +xrange +publish +subscribe +unsubscribe",
+        "+zscore +zremrangebyscore +time +rpush +xrange +publish +subscribe +unsubscribe",
         read=("apikey:*", "apikey-id:*", "ledger:*", "workers", "events:*"),
         write=("owner:*", "ratelimit:*", "resumed:*", "cancelled:*", "trace:*", "doc:*"),
         channels=("stream:*", "api:*", "cancel"),

@@ -266,6 +266,25 @@ async def test_requests_per_minute_limit_is_a_429_with_retry_after(
     assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
 
 
+async def test_retrieval_counts_against_the_key_and_a_rag_call_is_one_request(
+    http: httpx.AsyncClient, auth_stack: LocalStack
+) -> None:
+    """`/retrieve` and `/rag-generate` were not rate-limited: a key over its limit could still
+    embed queries and search the store (with `mmr`, re-embed 200 chunks) as fast as it liked.
+    Now a retrieval is a request; `/rag-generate` counts once, retrieval and generation."""
+    plaintext, _ = new_key(auth_stack, "rag-tenant", "--rpm", "3")
+    rag = {"query": "What time is high tide?", "max_tokens": 4, "temperature": 0}
+    r = await http.post("/rag-generate", json=rag, headers=bearer(plaintext))
+    assert r.status_code == 200, r.text
+    for _ in range(2):
+        r = await http.post("/retrieve", json={"query": "tides"}, headers=bearer(plaintext))
+        assert r.status_code == 200, r.text
+    for path, body in (("/retrieve", {"query": "tides"}), ("/rag-generate", rag)):
+        r = await http.post(path, json=body, headers=bearer(plaintext))
+        assert r.status_code == 429, r.text
+        assert "3 requests per minute" in r.json()["detail"] and r.headers["retry-after"]
+
+
 async def test_tokens_per_minute_count_prompt_and_max_tokens(
     http: httpx.AsyncClient, auth_stack: LocalStack
 ) -> None:

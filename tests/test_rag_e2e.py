@@ -140,6 +140,14 @@ async def test_upload_resend_and_delete(client: httpx.AsyncClient, indexed: None
         ("/retrieve", {"query": " "}, "query"),
         ("/retrieve", {"query": "x", "top_k": 0}, "top_k"),
         ("/retrieve", {"query": "x", "filters": {"bad key": "v"}}, "filters"),
+        # Bounded: each value is a term of the store's filter expression.
+        (
+            "/retrieve",
+            {"query": "x", "filters": {"topic": [str(i) for i in range(101)]}},
+            "filters",
+        ),
+        ("/retrieve", {"query": "x", "filters": {f"k{i}": 1 for i in range(17)}}, "filters"),
+        ("/rag-generate", {"query": "x", "filters": {"topic": "t" * 257}}, "filters"),
         ("/rag-generate", {"query": "x", "temperature": 5}, "temperature"),
     ],
 )
@@ -158,3 +166,52 @@ async def test_unsupported_upload_and_unknown_document(client: httpx.AsyncClient
     assert r.json()["detail"][0]["loc"] == ["body", "file"]
     assert "docx" in r.json()["detail"][0]["msg"]
     assert (await client.get("/documents/no-such-doc")).status_code == 404
+
+
+def test_passages_are_dropped_to_fit_the_context_with_few_prompt_tokenizations(
+    model_ready: None,
+) -> None:
+    """The prompt was tokenized again for every dropped passage (50 passages over: 50 whole
+    prompts on the event loop). Now each passage is tokenized once, the whole prompt only to
+    confirm, and the result is still the longest prefix of the ranking that fits."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from api.rag import PromptTemplate, RagHandler
+    from api.schemas import GenerateBody, RagGenerateBody
+    from shared.models import model_path
+    from shared.prompts import prompt_token_ids
+    from shared.retrieval import Retrieved
+    from shared.settings import Settings
+    from shared.vectorstores.base import Chunk
+
+    settings = Settings(max_model_len=1024)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(settings))
+    calls = {"prompts": 0}
+
+    class Counting:  # the tokenizer, counting whole-prompt tokenizations (chat templates)
+        def __getattr__(self, name: str) -> object:
+            return getattr(tokenizer, name)
+
+        def apply_chat_template(self, *args: object, **kwargs: object) -> object:
+            calls["prompts"] += 1
+            return tokenizer.apply_chat_template(*args, **kwargs)
+
+    template = PromptTemplate.load(settings.rag_prompt_template)
+    handler = RagHandler(settings, SimpleNamespace(tokenizer=Counting()), None, template)  # type: ignore[arg-type]
+    passages = [
+        Retrieved(Chunk(f"d{i}#0", f"d{i}", 0, f"Passage {i}: " + "tide and wind " * 30,
+                        f"s{i}", f"T{i}", "h"), 1.0 - i / 100)
+        for i in range(50)
+    ]  # fmt: skip
+    body = RagGenerateBody(query="When is high tide?", max_tokens=64)
+    kept = handler._fit(body, passages)
+
+    def fits(ps: list[Retrieved]) -> bool:
+        prompt = GenerateBody(messages=template.messages(body.query, ps))
+        return len(prompt_token_ids(tokenizer, prompt)) <= 1024 - 64
+
+    assert 0 < len(kept) < len(passages) and kept == passages[: len(kept)]
+    assert fits(kept) and not fits(passages[: len(kept) + 1])
+    assert calls["prompts"] <= 3
