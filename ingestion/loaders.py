@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ingestion import sandbox
 from shared.messages import IngestDocument
 
 if TYPE_CHECKING:
@@ -48,10 +49,23 @@ class LoadedText:
     title: str | None
 
 
-def load(doc: IngestDocument, max_bytes: int | None = None) -> LoadedText:
-    """The document's text; raises LoadError if it is over `max_bytes` or has no text."""
+@dataclass(frozen=True)
+class PdfLimits:
+    max_pages: int = 500
+    timeout_s: float = 60.0
+
+
+def load(
+    doc: IngestDocument, max_bytes: int | None = None, pdf: PdfLimits = PdfLimits()
+) -> LoadedText:
+    """The document's text; raises LoadError if it is over `max_bytes` or has no text. A PDF is
+    parsed in a child process (ingestion/sandbox.py) within `pdf`'s limits."""
     if doc.content_type == "application/pdf":
-        loaded = _load_pdf(_decode_b64(doc.data_b64 or "", max_bytes), doc.title)
+        data = _decode_b64(doc.data_b64 or "", max_bytes)
+        try:
+            loaded = sandbox.run(_load_pdf, (data, doc.title, pdf.max_pages), pdf.timeout_s)
+        except sandbox.SandboxError as e:
+            raise LoadError(f"cannot parse the PDF: {e.reason}") from e
     else:
         text = doc.text or ""
         _check_size(len(text.encode("utf-8")), max_bytes)
@@ -117,13 +131,15 @@ def _tidy_lines(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _load_pdf(data: bytes, title: str | None) -> LoadedText:
+def _load_pdf(data: bytes, title: str | None, max_pages: int) -> LoadedText:
     from pypdf import PdfReader
 
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise LoadError("the PDF is encrypted with a password")
+        if len(reader.pages) > max_pages:
+            raise LoadError(f"the PDF has {len(reader.pages)} pages, more than {max_pages}")
         pages = [page.extract_text() or "" for page in reader.pages]
         meta_title = _pdf_title(reader)
     except LoadError:

@@ -4,7 +4,8 @@ Records are handled one at a time, in order per partition (a document's versions
 partition: the topic is keyed by doc_id). An offset is committed only once its document's
 status is in Redis, so a process that dies leaves the document to be redelivered; handling is
 idempotent (chunk ids are f"{doc_id}#{position}" and an unchanged document is not re-embedded).
-A message that cannot be ingested goes to the dead-letter topic and the consumer moves on.
+A message that cannot be ingested goes to the dead-letter topic and the consumer moves on;
+failures of the embedder or the store are retried with backoff first (they pass).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from ingestion.chunking import Chunker
-from ingestion.loaders import LoadedText, LoadError, load
+from ingestion.loaders import LoadedText, LoadError, PdfLimits, load
 from shared import kafka, metrics
 from shared import redis as sredis
 from shared.documents import DocumentStatus, set_status
@@ -40,7 +41,12 @@ log = logging.getLogger("sluice.ingestion")
 GROUP = "sluice-ingestion"
 # Also how long a stop request may wait for the poll to return.
 POLL_TIMEOUT_MS = 500
+RETRY_MAX_S = 30.0
 _DOC_ID = re.compile(DOC_ID_PATTERN)
+
+
+class Interrupted(Exception):
+    """Stopped while waiting to retry: the record is left uncommitted, to be redelivered."""
 
 
 class Ingester:
@@ -51,13 +57,16 @@ class Ingester:
         store: VectorStore,
         redis: Redis,
         producer: AIOKafkaProducer,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
         self.store = store
         self.redis = redis
         self.producer = producer
+        self.stopping = stopping or asyncio.Event()
         self.chunker = Chunker.for_embedder(embedder, settings)
+        self.pdf = PdfLimits(settings.pdf_max_pages, settings.pdf_parse_timeout_s)
 
     async def handle(self, record: ConsumerRecord) -> None:
         """Ingest one record and write its status. Problems with the document itself end in the
@@ -69,13 +78,16 @@ class Ingester:
             return
         started = time.perf_counter()
         try:
-            status, unchanged = await self._apply(doc)
+            status, unchanged = await self._apply_retrying(doc)
         except LoadError as e:
             await self._reject(record, f"cannot load document: {e.reason}", doc.doc_id, doc.source)
             return
-        except Exception as e:  # embedding or store failure: keep the message for a replay
+        except Interrupted:
+            raise
+        except Exception as e:  # still failing after the retries: keep the message for a replay
             log.exception("ingesting %s failed", doc.doc_id)
-            reason = f"ingestion failed: {type(e).__name__}: {e}"
+            attempts = self.settings.ingest_retries + 1
+            reason = f"ingestion failed after {attempts} attempts: {type(e).__name__}: {e}"
             await self._reject(record, reason, doc.doc_id, doc.source)
             return
         await set_status(self.redis, self.settings, status)
@@ -90,12 +102,31 @@ class Ingester:
             (time.perf_counter() - started) * 1000,
         )
 
+    async def _apply_retrying(self, doc: IngestDocument) -> tuple[DocumentStatus, bool]:
+        """`_apply`, again after a failure of the embedder or the store (a restart, a timeout),
+        with exponential backoff. The document's own faults (LoadError) are not retried; a
+        stop during a wait raises Interrupted, so the record is redelivered, not committed."""
+        for attempt in range(self.settings.ingest_retries):
+            try:
+                return await self._apply(doc)
+            except LoadError:
+                raise
+            except Exception as e:
+                wait = min(RETRY_MAX_S, self.settings.ingest_retry_base_s * 2**attempt)
+                log.warning("ingesting %s failed (%r); retry in %.1f s", doc.doc_id, e, wait)
+                metrics.INGEST_RETRIES.inc()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), wait)
+                if self.stopping.is_set():
+                    raise Interrupted(doc.doc_id) from e
+        return await self._apply(doc)
+
     async def _apply(self, doc: IngestDocument) -> tuple[DocumentStatus, bool]:
         """The document's new status, and whether it was already indexed as it is."""
         if doc.action == "delete":
             await asyncio.to_thread(self.store.delete_document, doc.doc_id)
             return DocumentStatus(doc_id=doc.doc_id, status="deleted", source=doc.source), False
-        loaded = await asyncio.to_thread(load, doc, self.settings.max_document_bytes)
+        loaded = await asyncio.to_thread(load, doc, self.settings.max_document_bytes, self.pdf)
         texts = await asyncio.to_thread(self.chunker.split, loaded.text)
         content_hash = self.content_hash(doc, loaded)
         unchanged = await asyncio.to_thread(self._is_indexed, doc.doc_id, content_hash, len(texts))
@@ -211,7 +242,10 @@ async def consume(
         batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=1)
         for tp, records in batch.items():
             for record in records:
-                await ingester.handle(record)
+                try:
+                    await ingester.handle(record)
+                except Interrupted:
+                    return
                 seen[tp] = record.offset + 1
                 await _commit(consumer, tp, record.offset + 1)
         if gone := kafka.rewound(consumer, seen):
@@ -245,7 +279,7 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
-    ingester = Ingester(settings, embedder, store, redis, producer)
+    ingester = Ingester(settings, embedder, store, redis, producer, stopping)
     lost = asyncio.Event()
 
     def recreated(created: list[str]) -> None:

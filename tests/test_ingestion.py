@@ -34,11 +34,15 @@ class EmbedCounter:
 
     def __init__(self, embedder: Embedder) -> None:
         self.calls = 0
+        self.fail_next = 0  # the next calls raise, as an embedding server being restarted
         self._embed = embedder.embed
         embedder.embed = self  # type: ignore[method-assign]
 
     def __call__(self, texts: Sequence[str]) -> list[list[float]]:
         self.calls += 1
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise ConnectionError("embedder unavailable")
         return self._embed(texts)
 
     def query(self, text: str) -> list[float]:
@@ -69,6 +73,8 @@ async def rig(services: Services, tmp_path_factory: pytest.TempPathFactory) -> A
         chunk_tokens=64,
         chunk_overlap_tokens=8,
         embedding_batch_size=4,
+        ingest_retries=2,
+        ingest_retry_base_s=0.1,
     )
     embedder = await asyncio.to_thread(Embedder.load, settings)
     counter = EmbedCounter(embedder)
@@ -319,3 +325,20 @@ async def dead_letters(settings: Settings, n: int) -> list[tuple[bytes, dict[str
         return out
     finally:
         await consumer.stop()
+
+
+async def test_a_passing_embedder_failure_is_retried_not_dead_lettered(rig: Rig) -> None:
+    """A store or embedder failure dead-lettered the document at once; now it is tried again
+    with backoff (here 2 retries), and only a failure that outlasts them is dead-lettered."""
+    rig.counter.fail_next = 2
+    since = await send(rig, text_doc("flaky.txt", prose("flaky", 1)))
+    status = await wait_status(rig, "flaky.txt", since)
+    assert (status.status, status.error) == ("indexed", None)
+    assert rig.store.count("flaky.txt") == status.chunks > 0
+
+    rig.counter.fail_next = 3
+    since = await send(rig, text_doc("down.txt", prose("down", 1)))
+    status = await wait_status(rig, "down.txt", since)
+    assert status.status == "failed"
+    assert "after 3 attempts: ConnectionError: embedder unavailable" in (status.error or "")
+    rig.counter.fail_next = 0

@@ -142,6 +142,28 @@ def test_garbage_pdf_fails_clearly(data: bytes) -> None:
         load(pdf_doc(data))
 
 
+def test_a_pdf_past_its_page_or_time_limit_fails_clearly() -> None:
+    """Untrusted PDFs were parsed with no page cap or time limit, in a thread nobody can stop.
+    Now a child process parses them, and is killed past the limit."""
+    from ingestion.loaders import PdfLimits
+
+    three_pages = _pdf_file(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R 4 0 R 5 0 R] /Count 3 >>",
+            *[b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"] * 3,
+        ]
+    )
+    with pytest.raises(LoadError, match="3 pages, more than 2"):
+        load(pdf_doc(three_pages), pdf=PdfLimits(max_pages=2))
+    data = make_pdf("A line.")
+    started = time.monotonic()
+    with pytest.raises(LoadError, match=r"longer than 0\.001 s"):
+        load(pdf_doc(data), pdf=PdfLimits(timeout_s=0.001))
+    assert time.monotonic() - started < 10  # it did not wait for the parse
+    assert "A line." in load(pdf_doc(data)).text  # and the next parse works
+
+
 def test_invalid_base64_fails_clearly() -> None:
     with pytest.raises(LoadError, match="base64"):
         load(doc(content_type="application/pdf", data_b64="not base64!"))
