@@ -312,7 +312,7 @@ def main() -> None:
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.ingestion_metrics_port:
-        metrics.serve_metrics(settings.ingestion_metrics_port)
+        metrics.serve_metrics(settings.ingestion_metrics_port, settings.metrics_host)
     embedder = Embedder.load(settings)
     store = open_store(settings, embedder.dim)
     try:

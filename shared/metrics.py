@@ -155,7 +155,7 @@ def reported_lag(topic: str) -> int:
     return int(total)
 
 
-def serve_metrics(port: int) -> None:
+def serve_metrics(port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     """Expose the default registry (ours and vLLM's) on its own port, for processes without HTTP.
 
     Always the classic text format: asked for OpenMetrics (Prometheus asks first), this
@@ -174,5 +174,6 @@ def serve_metrics(port: int) -> None:
         def log_message(self, format: str, *args: object) -> None:
             pass  # one line per scrape is noise
 
-    server = ThreadingHTTPServer(("", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     # engine death, for the poison-pill test). Never set it in production.
     fault_kill_engine_on: str | None = None
     worker_metrics_port: int = Field(9101, ge=0)
+    # Where workers and ingestion serve /metrics. Worker metrics name tenants and their spend:
+    # loopback on a shared host; 0.0.0.0 in a pod or container (deploy/ sets it), where a
+    # NetworkPolicy admits only Prometheus.
+    metrics_host: str = "127.0.0.1"
     # On SIGTERM a worker stops polling and gives in-flight requests this long to finish; the
     # rest stay uncommitted and are redelivered. Keep below Kubernetes' grace period.
     drain_timeout_s: float = Field(30.0, ge=0)

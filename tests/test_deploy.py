@@ -695,6 +695,38 @@ def test_network_policies_deny_by_default_and_open_each_pods_own_ports(overlay: 
         assert opened == served, name
 
 
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_worker_metrics_name_tenants_only_to_prometheus(overlay: str) -> None:
+    """`sluice_cost_dollars{tenant=...}` was served on 0.0.0.0 to anyone who reached a worker.
+    Locally the metrics port is on loopback; in a pod on the pod network, where only the
+    monitoring namespace may reach it; in compose on the compose network, never published."""
+    from shared import metrics
+
+    server = metrics.serve_metrics(0, DEFAULTS.metrics_host)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert settings_map(overlay)["SLUICE_METRICS_HOST"] == "0.0.0.0"
+    port = int(settings_map(overlay)["SLUICE_WORKER_METRICS_PORT"])
+    rules = [
+        rule
+        for policy in objects(overlay, "NetworkPolicy").values()
+        for rule in policy["spec"].get("ingress", [])
+        if any(p["port"] == port for p in rule.get("ports", []))
+    ]
+    assert rules and all(
+        rule["from"] == [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}]
+        for rule in rules
+    )  # fmt: skip
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["x-sluice-env"]["SLUICE_METRICS_HOST"] == "0.0.0.0"
+    for name in ("worker-cpu", "worker-gpu", "ingestion"):
+        assert "ports" not in compose["services"][name], name
+
+
 def fake_kafka_topics(tmp_path: Path, existing: dict[str, int]) -> tuple[Path, Path]:
     """A stand-in for kafka-topics.sh that logs its arguments and describes `existing`."""
     log = tmp_path / "calls.log"

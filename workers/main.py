@@ -642,7 +642,7 @@ def main() -> None:
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.worker_metrics_port:
-        metrics.serve_metrics(settings.worker_metrics_port)
+        metrics.serve_metrics(settings.worker_metrics_port, settings.metrics_host)
         register_gpu_metrics()
 
     async def run() -> None:
