@@ -53,7 +53,8 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 CUSTOM_GROUPS = ("keda.sh/", "kafka.strimzi.io/")
 # The defaults as declared, whatever SLUICE_* variables the test run has (no env, no .env).
 DEFAULTS = Settings.model_construct()
-SETTINGS = {f"SLUICE_{name.upper()}" for name in Settings.model_fields}
+# SLUICE_SECRETS_DIR is read by the settings object itself: where its secret files are.
+SETTINGS = {f"SLUICE_{name.upper()}" for name in Settings.model_fields} | {"SLUICE_SECRETS_DIR"}
 
 
 def code_topics() -> dict[str, int]:
@@ -801,8 +802,8 @@ def test_compose_spec_validation_is_strict(tmp_path: Path) -> None:
 def test_compose_comes_up_in_order() -> None:
     services = compose()["services"]
     expected = {
-        "kafka", "kafka-init", "redis", "etcd", "minio", "milvus", "model-init", "api",
-        "worker-cpu", "worker-gpu", "ingestion", "prometheus", "grafana",
+        "kafka", "kafka-init", "redis-acl", "redis", "etcd", "minio", "milvus", "model-init",
+        "api", "worker-cpu", "worker-gpu", "ingestion", "cli", "prometheus", "grafana",
     }  # fmt: skip
     assert set(services) == expected
     for name, spec in services.items():
@@ -826,13 +827,51 @@ def test_compose_comes_up_in_order() -> None:
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
+def test_compose_services_log_in_to_redis_as_their_own_users(tmp_path: Path) -> None:
+    """Compose ran Redis without a password. Now redis-acl writes the ACL file from compose
+    secrets (what deploy/compose/secrets.sh makes), Redis loads it, and every service reads
+    its own password as `sluice_redis_password` in SLUICE_SECRETS_DIR with its own user."""
+    from shared import redis_acl
+
+    spec = compose()
+    services = spec["services"]
+    env = spec["x-sluice-env"]
+    users = {"api": "api", "worker-cpu": "worker", "worker-gpu": "worker",
+             "ingestion": "ingestion", "cli": "cli"}  # fmt: skip
+    for name, service in users.items():
+        assert services[name]["environment"]["SLUICE_REDIS_USERNAME"] == redis_acl.username(service)
+        [secret] = services[name]["secrets"]
+        assert secret == {"source": f"redis_{service}", "target": "sluice_redis_password"}
+        assert env["SLUICE_SECRETS_DIR"] == "/run/secrets"
+    command = services["redis"]["command"]
+    acl_file = command[command.index("--aclfile") + 1]
+    assert f"redis-acl:{Path(acl_file).parent}:ro" in services["redis"]["volumes"]
+    script = services["redis-acl"]["command"][0]
+    assert script.endswith(f"> {acl_file}")
+    for service in redis_acl.SERVICES:
+        assert f"--password-file {service}=/run/secrets/redis_{service}" in script
+    assert "sluice-cli" in services["redis"]["healthcheck"]["test"][1]
+    # The script makes exactly the files the secrets name, and keeps them on a second run.
+    copy = tmp_path / "compose"
+    copy.mkdir()
+    shutil.copy(ROOT / "deploy" / "compose" / "secrets.sh", copy / "secrets.sh")
+    assert run("sh", str(copy / "secrets.sh")).returncode == 0
+    made = {p.name: p.read_text() for p in (copy / "secrets").iterdir()}
+    named = {Path(s["file"]).name for s in spec["secrets"].values()}
+    assert set(made) == named and all(len(v) >= 24 for v in made.values())
+    assert run("sh", str(copy / "secrets.sh")).returncode == 0
+    assert {p.name: p.read_text() for p in (copy / "secrets").iterdir()} == made
+    assert "deploy/compose/secrets/" in (ROOT / ".gitignore").read_text().split()
+
+
 def test_compose_gpu_profile_and_settings() -> None:
     services = compose()["services"]
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert all("profiles" not in s for n, s in services.items() if n != "worker-gpu")
+    assert services["cli"]["profiles"] == ["tools"]  # run by hand, never by `up`
+    assert all("profiles" not in s for n, s in services.items() if n not in ("worker-gpu", "cli"))
     for name in ("api", "worker-cpu", "worker-gpu", "ingestion", "model-init"):
         env = services[name]["environment"]
         assert env["SLUICE_KAFKA"] == "kafka:9092"
