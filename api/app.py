@@ -46,8 +46,8 @@ from shared.models import model_path
 from shared.settings import Settings
 from shared.tracing import Tracer
 
-# Ledger windows are cached this long: /usage and /cost answers may lag a flush (5 s) anyway.
-LEDGER_CACHE_S = 10.0
+# Ledger windows are cached as long as a worker waits between flushes (workers/usage.py).
+LEDGER_CACHE_S = 5.0
 
 
 def create_app(settings: Settings) -> FastAPI:
