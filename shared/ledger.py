@@ -108,6 +108,9 @@ class Reader:
         now = time.time()
         cached = self._reads.get(window_s)
         if cached is None or now - cached[0] > self._cache_s or _failed(cached[1]):
+            # Windows are the callers' choice (any seconds up to a week): keep only fresh ones.
+            fresh = {w: c for w, c in self._reads.items() if now - c[0] <= self._cache_s}
+            self._reads = fresh
             task = asyncio.ensure_future(totals(self._redis, self._settings, window_s, now))
             cached = self._reads[window_s] = (now, task)
         return cached[0], dict(await asyncio.shield(cached[1]))
