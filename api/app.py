@@ -23,7 +23,14 @@ from api.documents import DocumentsHandler
 from api.errors import invalid_field
 from api.health import readiness
 from api.middleware import BodyLimit, RequestMetrics
-from api.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from api.openai_embeddings import EmbeddingsHandler
+from api.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelList,
+)
 from api.openai_serving import OpenAIHandler, install_error_handlers
 from api.rag import PromptTemplate, RagHandler
 from api.schemas import (
@@ -48,6 +55,7 @@ from shared.tracing import Tracer
 
 # Ledger windows are cached as long as a worker waits between flushes (workers/usage.py).
 LEDGER_CACHE_S = 5.0
+LEDGER_FLUSH_S = 5.0
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -73,11 +81,19 @@ def create_app(settings: Settings) -> FastAPI:
         embedder = await asyncio.to_thread(Embedder.load, settings)
         template = PromptTemplate.load(settings.rag_prompt_template)
         app.state.rag = RagHandler(settings, app.state.generate, embedder, template)
+        usage = ledger.Ledger(redis, settings)  # what this process serves itself: embeddings
+        app.state.embeddings = EmbeddingsHandler(
+            settings, embedder, app.state.generate.limiter, usage
+        )
         topics = asyncio.create_task(kafka.watch_topics(settings, producer))
+        flushing = asyncio.create_task(ledger.flush_every(usage, LEDGER_FLUSH_S))
         try:
             yield
         finally:
             topics.cancel()
+            flushing.cancel()
+            with contextlib.suppress(Exception):
+                await usage.flush()
             traces.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await traces  # its last hops reach Redis
@@ -130,6 +146,10 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Response:
         return await request.app.state.openai.completion(body, caller, request.is_disconnected)
+
+    @v1.post("/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(body: EmbeddingRequest, request: Request, caller: CallerDep) -> Response:
+        return await request.app.state.embeddings.create(body, caller)
 
     @v1.get("/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:

@@ -308,6 +308,51 @@ class CompletionChunk(_Chunk):
     choices: list[CompletionChoice]
 
 
+# --- Embeddings
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`: text, texts, or token ids of the embedding model's tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[str] | TokenIds | list[TokenIds]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, gt=0)
+    user: str | None = Field(None, max_length=256)
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """One list of texts or one of token-id lists (an empty list is neither: a 400)."""
+        given = self.input
+        if isinstance(given, str):
+            return [given]
+        if given and isinstance(given[0], int):
+            return [given]  # type: ignore[list-item]
+        return given  # type: ignore[return-value]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    sluice_cost_usd: float  # the API's encode time at SLUICE_API_HOURLY_USD
+
+
 # --- Models
 
 
@@ -322,8 +367,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "sluice"
-    # Sluice's extension: the live workers serving it (from their heartbeats).
+    # Sluice's extensions: the live workers serving it (from their heartbeats), or "api" for
+    # the embedding model, which the API processes serve themselves.
     sluice_workers: list[ModelWorker]
+    sluice_served_by: Literal["workers", "api"] = "workers"
 
 
 class ModelList(BaseModel):

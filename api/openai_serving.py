@@ -139,6 +139,14 @@ class OpenAIHandler:
             worker = ModelWorker(worker_id=b.worker_id, engine=b.engine, in_flight=b.in_flight)
             served.setdefault(b.model, []).append(worker)
         cards = [ModelCard(id=m, created=self.started, sluice_workers=w) for m, w in served.items()]
+        cards.append(  # /v1/embeddings, served by this process (api/openai_embeddings.py)
+            ModelCard(
+                id=self.settings.embedding_model,
+                created=self.started,
+                sluice_workers=[],
+                sluice_served_by="api",
+            )
+        )
         return ModelList(data=cards)
 
     def _check_model(self, model: str) -> None:

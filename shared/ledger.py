@@ -19,12 +19,15 @@ per tenant `requests@tenant:`, `prompt_tokens@tenant:` and `completion_tokens@te
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 
 from redis.asyncio import Redis
 
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 BUCKET_S = 60
 HOUR_S = 3600
@@ -85,6 +88,16 @@ async def totals(
         for field, value in bucket.items():
             sums[field.decode()] += float(value)
     return dict(sums)
+
+
+async def flush_every(ledger: Ledger, interval_s: float) -> None:
+    """Until cancelled; amounts that fail to flush stay pending for the next try."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await ledger.flush()
+        except Exception as e:
+            log.warning("ledger flush failed (%s); kept for the next one", e)
 
 
 def window_keys(settings: Settings, window_s: float, now: float) -> list[str]:

@@ -5,8 +5,9 @@ read every tenant's outputs, inject token events or cancel anyone's request. Wit
 default user is off and each service authenticates as its own user (SLUICE_REDIS_USERNAME,
 SLUICE_REDIS_PASSWORD):
 
-- `sluice-api` reads API keys, heartbeats, event streams, the ledger and document statuses; it
-  writes only what belongs to requests it takes in (owner, rate limit, cancel, resume, trace);
+- `sluice-api` reads API keys, heartbeats, event streams and document statuses; it writes only
+  what belongs to requests it takes in (owner, rate limit, cancel, resume, trace) and the
+  ledger (its embedding requests);
 - `sluice-worker` owns the request records and publishes tokens; it reads cancels and the
   batch signing secrets, and cannot see API keys or documents;
 - `sluice-ingestion` writes document statuses only;
@@ -37,10 +38,19 @@ class Rules:
 
 SERVICES: dict[str, Rules] = {
     "api": Rules(
-        commands="+get +set +mget +exists +expire +pexpire +incr +hgetall +zadd +zrange +zrem "
-        "+zscore +zremrangebyscore +time +rpush +xrange +publish +subscribe +unsubscribe",
-        read=("apikey:*", "apikey-id:*", "ledger:*", "workers", "events:*"),
-        write=("owner:*", "ratelimit:*", "resumed:*", "cancelled:*", "trace:*", "doc:*"),
+        commands="+get +set +mget +exists +expire +pexpire +incr +hgetall +hincrbyfloat +zadd "
+        "+zrange +zrem +zscore +zremrangebyscore +time +rpush +xrange +publish +subscribe "
+        "+unsubscribe",
+        read=("apikey:*", "apikey-id:*", "workers", "events:*"),
+        write=(
+            "owner:*",
+            "ratelimit:*",
+            "resumed:*",
+            "cancelled:*",
+            "trace:*",
+            "doc:*",
+            "ledger:*",
+        ),
         channels=("stream:*", "api:*", "cancel"),
     ),
     "worker": Rules(

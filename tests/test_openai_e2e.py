@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from langchain_core.messages import AIMessageChunk
@@ -100,11 +101,86 @@ async def test_completions_async_match_vllm_and_stop_at_max_tokens(
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
 
 
-def test_models_lists_the_served_model_and_its_workers(client: openai.OpenAI, model: str) -> None:
-    [card] = client.models.list().data
-    assert card.id == model and card.object == "model"
+def test_models_lists_the_served_model_and_its_workers(
+    client: openai.OpenAI, model: str, stack: LocalStack
+) -> None:
+    cards = {c.id: c for c in client.models.list().data}
+    assert set(cards) == {model, stack.settings.embedding_model}
+    card = cards[model]
+    assert card.object == "model"
     workers = (card.model_extra or {})["sluice_workers"]
     assert workers and all(w["engine"] == "vllm" and w["worker_id"] for w in workers)
+    embedding = cards[stack.settings.embedding_model].model_extra or {}
+    assert embedding["sluice_served_by"] == "api" and embedding["sluice_workers"] == []
+
+
+EMBED = ["High tide at the harbour is at six in the evening.", "The bakery opens at seven."]
+
+
+@pytest.fixture(scope="module")
+def reference_vectors(stack: LocalStack) -> tuple[list[list[float]], Any]:
+    """What RAG's own embedder makes of EMBED, and its tokenizer."""
+    from shared.embeddings import Embedder
+
+    embedder = Embedder.load(stack.settings)
+    return embedder.embed(EMBED), embedder.tokenizer
+
+
+def test_embeddings_are_rag_embedders_vectors_as_floats_base64_and_from_token_ids(
+    client: openai.OpenAI, stack: LocalStack, reference_vectors: tuple[list[list[float]], Any]
+) -> None:
+    reference, tokenizer = reference_vectors
+    name = stack.settings.embedding_model
+    base64_ = client.embeddings.create(model=name, input=EMBED)  # the client's default
+    floats = client.embeddings.create(model=name, input=EMBED, encoding_format="float")
+    for got in (base64_, floats):
+        assert got.model == name and [d.index for d in got.data] == [0, 1]
+        for d, ref in zip(got.data, reference, strict=True):
+            assert len(d.embedding) == 384
+            assert np.allclose(d.embedding, ref, atol=1e-5)
+        assert got.usage.prompt_tokens == got.usage.total_tokens > 10
+        assert (got.model_extra or {})["sluice_cost_usd"] > 0
+    ids = tokenizer.encode(EMBED[0], add_special_tokens=False)
+    one = client.embeddings.create(model=name, input=ids, encoding_format="float")
+    assert one.usage.prompt_tokens == len(ids)
+    assert np.allclose(one.data[0].embedding, reference[0], atol=1e-4)
+    text = client.embeddings.create(model=name, input=EMBED[1], encoding_format="float")
+    assert np.allclose(text.data[0].embedding, reference[1], atol=1e-5)
+
+
+def test_langchain_openai_embeddings(
+    stack: LocalStack, reference_vectors: tuple[list[list[float]], Any]
+) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    reference, _ = reference_vectors
+    embeddings = OpenAIEmbeddings(
+        model=stack.settings.embedding_model, base_url=f"{stack.url}/v1", api_key="unused",
+        check_embedding_ctx_length=False, max_retries=0,
+    )  # fmt: skip
+    documents = embeddings.embed_documents(EMBED)
+    assert np.allclose(documents, reference, atol=1e-5)
+    assert np.allclose(embeddings.embed_query(EMBED[0]), reference[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"dimensions": 100}, 400, "dimensions"),
+        ({"input": []}, 400, "input"),
+        ({"input": ""}, 400, "input"),
+        ({"input": "tide " * 600}, 400, "input"),
+        ({"input": [[1, 2, 10**7]]}, 400, "input"),
+        ({"model": "text-embedding-3-small"}, 404, "model"),
+    ],
+)
+def test_bad_embedding_requests_name_the_param(
+    client: openai.OpenAI, stack: LocalStack, kwargs: dict, status: int, param: str
+) -> None:
+    body = {"model": stack.settings.embedding_model, "input": "tides", **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.embeddings.create(**body)
+    assert err.value.status_code == status and err.value.param == param, err.value.message
 
 
 def test_langchain_chat_openai_invoke_and_stream(stack: LocalStack, model: str) -> None:
