@@ -22,7 +22,7 @@ from pydantic import (
     model_serializer,
 )
 
-from api.schemas import Seed, StopString
+from api.schemas import ResponseFormatBody, Seed, StopString
 from shared.messages import ChatMessage as WireMessage
 from shared.messages import FinishReason
 
@@ -43,7 +43,6 @@ CHAT_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -159,7 +158,7 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    response_format: ResponseFormatBody | None = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None

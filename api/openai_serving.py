@@ -103,7 +103,9 @@ class OpenAIHandler:
     ) -> Response:
         self._check_model(body.model)
         length_param, max_tokens = body.max_tokens_param()
-        prompt = {"messages": [m.to_wire() for m in body.messages]}
+        prompt: dict[str, Any] = {"messages": [m.to_wire() for m in body.messages]}
+        if body.response_format is not None:
+            prompt["response_format"] = body.response_format
         request = await self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
         rid = request.message.request_id
         chunks = ChatChunks(f"chatcmpl-{rid}", body.model, int(time.time()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,8 +11,10 @@ from shared.messages import (
     DOC_ID_MAX,
     DOC_ID_PATTERN,
     FinishReason,
+    JsonSchemaFormat,
     MetadataValue,
     PromptInput,
+    ResponseFormat,
     SamplingOptions,
     StrictChatMessage,
     Timings,
@@ -24,6 +26,33 @@ from shared.messages import (
 StopString = Annotated[str, Field(min_length=1)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class JsonSchemaBody(JsonSchemaFormat):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("schema_")
+    @classmethod
+    def _is_a_json_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        # Checked here, against the metaschema it names (2020-12 by default), so a typo is a
+        # 4xx now; what the worker's grammar compiler still cannot take ends in an error event.
+        from jsonschema.exceptions import SchemaError
+        from jsonschema.validators import validator_for
+
+        try:
+            validator_for(schema).check_schema(schema)
+        except SchemaError as e:
+            where = "/".join(str(p) for p in e.absolute_path) or "the root"
+            raise ValueError(f"not a JSON Schema (at {where}): {e.message}") from None
+        return schema
+
+
+class ResponseFormatBody(ResponseFormat):
+    """`response_format` as a person writes it: OpenAI's shape, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: JsonSchemaBody | None = None
 
 
 class GenerateBody(PromptInput, SamplingOptions):
@@ -45,6 +74,7 @@ class GenerateBody(PromptInput, SamplingOptions):
     stop: Stop = None  # type: ignore[assignment]
     seed: Seed | None = None
     stream: bool = False
+    response_format: ResponseFormatBody | None = None  # type: ignore[assignment]
     # Give up after this long (queued or running: finish_reason "timeout"); at most, and by
     # default, SLUICE_REQUEST_TIMEOUT_S.
     timeout_s: float | None = Field(None, gt=0)
@@ -58,6 +88,7 @@ class GenerateBody(PromptInput, SamplingOptions):
             stop=stop,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            response_format=self.response_format,
         )
 
 

@@ -27,7 +27,7 @@ models forbid unknown fields themselves (`StrictChatMessage`, api/schemas.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -38,7 +38,8 @@ FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 
 
 # Features a GenerationRequest may require that this code honours (see the module docstring).
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KNOWN_FEATURES: frozenset[str] = frozenset({"structured_output"})
+STRUCTURED_OUTPUT = "structured_output"  # sampling.response_format other than text
 
 
 class _Wire(BaseModel):
@@ -56,6 +57,35 @@ class StrictChatMessage(ChatMessage):
     model_config = ConfigDict(extra="forbid")
 
 
+class JsonSchemaFormat(_Wire):
+    """OpenAI's `response_format.json_schema`: the schema the output must validate against."""
+
+    model_config = ConfigDict(validate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute: an alias, the same on the wire and in bodies
+    schema_: dict[str, Any] = Field(..., alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Wire):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON valid for a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+
 class SamplingOptions(_Wire):
     """OpenAI's sampling fields; ranges as OpenAI documents them."""
 
@@ -66,6 +96,12 @@ class SamplingOptions(_Wire):
     seed: int | None = None
     # vLLM's extension: generate exactly max_tokens (benchmarks need fixed output lengths).
     ignore_eos: bool = False
+    # Constrained decoding; a request that sets it requires STRUCTURED_OUTPUT (module doc).
+    response_format: ResponseFormat | None = None
+
+    def structured(self) -> ResponseFormat | None:
+        rf = self.response_format
+        return rf if rf is not None and rf.constrained else None
 
 
 class PromptInput(_Wire):

@@ -417,3 +417,24 @@ async def test_a_flush_cancelled_mid_send_still_lands_before_the_next(services: 
     ]
     assert sent == list(range(10))
     await redis.aclose()
+
+
+def test_which_taken_over_requests_continue_from_their_tokens() -> None:
+    """Plain streams continue after their published ids; those the ids do not fully describe
+    regenerate from the start with replay suppression: stop strings (text held back), a
+    response_format (the grammar would restart at its root), batch (nothing published)."""
+    from shared.messages import GenerationRequest, ResponseFormat, SamplingOptions
+    from workers.ownership import resumable
+
+    def claim(feed: str = "interactive", **sampling: object) -> Claim:
+        request = GenerationRequest(
+            request_id="r", prompt="p", enqueued_at=0.0,
+            sampling=SamplingOptions(max_tokens=8, **sampling),  # type: ignore[arg-type]
+        )  # fmt: skip
+        return Claim(request, 1, feed, "t", 0, 0)
+
+    assert resumable(claim())
+    assert resumable(claim(response_format=ResponseFormat(type="text")))
+    assert not resumable(claim(stop=["\n"]))
+    assert not resumable(claim(response_format=ResponseFormat(type="json_object")))
+    assert not resumable(claim("batch"))

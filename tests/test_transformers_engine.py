@@ -119,6 +119,8 @@ async def test_abort_stops_a_running_request_and_the_engine_keeps_serving(
 async def test_unsupported_or_too_long_requests_are_rejected(engine: TransformersEngine) -> None:
     with pytest.raises(RequestRejected, match="seed"):
         await run(engine, request("Hi", seed=1))
+    with pytest.raises(RequestRejected, match="response_format"):
+        await run(engine, request("Hi", response_format={"type": "json_object"}))
     with pytest.raises(RequestRejected, match="context length"):
         await run(engine, request("word " * 2100))
     assert engine.num_running() == 0

@@ -53,6 +53,11 @@ class TransformersEngine:
         s = request.sampling
         if s.seed is not None:
             raise RequestRejected("seed is not supported by the transformers engine")
+        if s.structured() is not None:
+            raise RequestRejected(
+                "response_format: the transformers engine cannot constrain its output "
+                "(SLUICE_ENGINE=vllm can)"
+            )
         ids = prompt_token_ids(self._tokenizer, request)
         if len(ids) + s.max_tokens > self._max_model_len:
             raise RequestRejected(

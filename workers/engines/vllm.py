@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.messages import GenerationRequest
+from shared.messages import GenerationRequest, ResponseFormat
 from shared.models import model_path
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
@@ -70,6 +70,7 @@ class VllmEngine:
             seed=s.seed,
             ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=_structured(s.structured()),
         )
         ids = prompt_token_ids(self._tokenizer, request)
         self._running.add(request.request_id)
@@ -111,6 +112,18 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _structured(rf: ResponseFormat | None) -> Any:
+    """vLLM's structured outputs (xgrammar) for a response format. No whitespace between JSON
+    tokens: a small model offered free whitespace may emit it until max_tokens."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if rf is None:
+        return None
+    if rf.json_schema is not None:
+        return StructuredOutputsParams(json=rf.json_schema.schema_, disable_any_whitespace=True)
+    return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
 
 
 def _wall_times(stats: Any) -> tuple[float | None, float | None]:
