@@ -379,8 +379,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_failed(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestFailed)
-        if v1(request):
-            return OpenAIError(exc.status, exc.message).response()
+        if v1(request):  # OpenAI answers a request it cannot serve as given with a 400
+            return OpenAIError(400 if exc.status == 422 else exc.status, exc.message).response()
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     app.add_exception_handler(OpenAIError, on_openai)

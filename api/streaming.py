@@ -299,5 +299,5 @@ async def collect(source: AsyncIterator[Event]) -> tuple[str, DoneEvent]:
         elif isinstance(event, DoneEvent):
             return "".join(parts), event
         else:
-            raise RequestFailed(502, event.message)
+            raise RequestFailed(422 if event.rejected else 502, event.message)
     raise RequestFailed(502, "stream ended without a result")

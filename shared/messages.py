@@ -199,6 +199,9 @@ class ErrorEvent(_Wire):
     type: Literal["error"] = "error"
     request_id: str
     message: str
+    # The engine refused the request as it is (e.g. a schema its grammar compiler cannot
+    # build): the client's to fix, a 4xx; otherwise the engine failed on it, a 5xx.
+    rejected: bool = False
 
 
 StreamEvent = Annotated[TokensEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]

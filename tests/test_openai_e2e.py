@@ -250,6 +250,11 @@ async def test_generate_takes_response_format_too(stack: LocalStack) -> None:
         r = await http.post("/generate", json=body)
         assert r.status_code == 200, r.text
         jsonschema.validate(json.loads(r.json()["text"]), schema)
+        # A JSON Schema the worker's grammar compiler cannot build: a clear error, not a hang.
+        dangling = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+        body["response_format"]["json_schema"]["schema"] = dangling
+        failed = await http.post("/generate", json=body)
+        assert failed.status_code == 422 and "Grammar error" in failed.json()["detail"], failed.text
         body["response_format"]["json_schema"]["schema"] = {"type": "nonsense"}
         bad = await http.post("/generate", json=body)
     assert bad.status_code == 422

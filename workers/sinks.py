@@ -101,7 +101,7 @@ class StreamSink:
 
     async def rejected(self, message: str) -> bool:
         await self._dead_letter(f"rejected by engine: {message}")
-        event = ErrorEvent(request_id=self._rid, message=message)
+        event = ErrorEvent(request_id=self._rid, message=message, rejected=True)
         return await self._publisher.finish(self._rid, self._epoch, event)
 
     async def failed(self, message: str) -> bool:

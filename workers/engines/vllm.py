@@ -53,6 +53,7 @@ class VllmEngine:
         self, request: GenerationRequest, priority: int = 0, resume: list[int] | None = None
     ) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -99,8 +100,8 @@ class VllmEngine:
                 )
         except EngineDeadError as e:
             raise EngineDead(str(e)) from e
-        except ValueError as e:  # vLLM's input validation (length, sampling values)
-            raise RequestRejected(str(e)) from e
+        except (ValueError, VLLMClientError) as e:  # vLLM's input validation (length,
+            raise RequestRejected(str(e)) from e  # sampling values, a grammar it cannot build)
         finally:
             self._running.discard(request.request_id)
 
