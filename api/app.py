@@ -14,24 +14,33 @@ from pathlib import Path
 from typing import Annotated
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api import batch_collector
 from api.auth import AdminDep, Authenticator, CallerDep, OwnedRequestId, require_caller
+from api.batches import Batches
 from api.documents import DocumentsHandler
 from api.errors import invalid_field
+from api.files import DirectoryStore, Files
 from api.health import readiness
 from api.middleware import BodyLimit, RequestMetrics
 from api.openai_embeddings import EmbeddingsHandler
 from api.openai_protocol import (
+    BatchCreate,
+    BatchList,
+    BatchObject,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
+    FileDeleted,
+    FileList,
+    FileObject,
     ModelList,
 )
-from api.openai_serving import OpenAIHandler, install_error_handlers
+from api.openai_serving import OpenAIError, OpenAIHandler, install_error_handlers
 from api.rag import PromptTemplate, RagHandler
 from api.schemas import (
     DocIdPath,
@@ -85,12 +94,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.embeddings = EmbeddingsHandler(
             settings, embedder, app.state.generate.limiter, usage
         )
+        app.state.files = Files(settings, redis, DirectoryStore(settings.files_dir))
+        app.state.batches = Batches(settings, redis, producer, app.state.files, app.state.openai)
         topics = asyncio.create_task(kafka.watch_topics(settings, producer))
         flushing = asyncio.create_task(ledger.flush_every(usage, LEDGER_FLUSH_S))
+        collecting = asyncio.create_task(batch_collector.run(settings, app.state.batches))
         try:
             yield
         finally:
             topics.cancel()
+            collecting.cancel()
             flushing.cancel()
             with contextlib.suppress(Exception):
                 await usage.flush()
@@ -104,7 +117,9 @@ def create_app(settings: Settings) -> FastAPI:
             await redis.aclose()
 
     app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(BodyLimit, settings.max_body_bytes, settings.max_document_bytes)
+    app.add_middleware(
+        BodyLimit, settings.max_body_bytes, settings.max_document_bytes, settings.max_file_bytes
+    )
     app.add_middleware(RequestMetrics)  # outermost: it counts BodyLimit's 413s too
     install_error_handlers(app)  # OpenAI's error shape on /v1 paths only
 
@@ -150,6 +165,60 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.post("/embeddings", response_model=EmbeddingResponse)
     async def embeddings(body: EmbeddingRequest, request: Request, caller: CallerDep) -> Response:
         return await request.app.state.embeddings.create(body, caller)
+
+    # The Batch API (api/files.py, api/batches.py): files and batches are the key's tenant's.
+    @v1.post("/files", response_model=FileObject)
+    async def upload_file(
+        request: Request, caller: CallerDep, file: UploadFile, purpose: Annotated[str, Form()]
+    ) -> FileObject:
+        if purpose != "batch":
+            raise OpenAIError(400, f"purpose {purpose!r}: only 'batch' is served", "purpose")
+        data = await file.read()
+        name = file.filename or "upload.jsonl"
+        return await request.app.state.files.create(caller.tenant, name, data, "batch")
+
+    @v1.get("/files", response_model=FileList)
+    async def list_files(
+        request: Request,
+        caller: CallerDep,
+        purpose: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    ) -> FileList:
+        return await request.app.state.files.list(caller.tenant, purpose, limit)
+
+    @v1.get("/files/{file_id}", response_model=FileObject)
+    async def get_file(file_id: str, request: Request, caller: CallerDep) -> FileObject:
+        return await request.app.state.files.get(file_id, caller.tenant)
+
+    @v1.get("/files/{file_id}/content")
+    async def file_content(file_id: str, request: Request, caller: CallerDep) -> Response:
+        data = await request.app.state.files.content(file_id, caller.tenant)
+        return Response(data, media_type="application/octet-stream")
+
+    @v1.delete("/files/{file_id}", response_model=FileDeleted)
+    async def delete_file(file_id: str, request: Request, caller: CallerDep) -> FileDeleted:
+        return await request.app.state.files.delete(file_id, caller.tenant)
+
+    @v1.post("/batches", response_model=BatchObject)
+    async def create_batch(body: BatchCreate, request: Request, caller: CallerDep) -> BatchObject:
+        return await request.app.state.batches.create(body, caller)
+
+    @v1.get("/batches", response_model=BatchList)
+    async def list_batches(
+        request: Request,
+        caller: CallerDep,
+        after: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> BatchList:
+        return await request.app.state.batches.list(caller.tenant, after, limit)
+
+    @v1.get("/batches/{batch_id}", response_model=BatchObject)
+    async def get_batch(batch_id: str, request: Request, caller: CallerDep) -> BatchObject:
+        return await request.app.state.batches.get(batch_id, caller.tenant)
+
+    @v1.post("/batches/{batch_id}/cancel", response_model=BatchObject)
+    async def cancel_batch(batch_id: str, request: Request, caller: CallerDep) -> BatchObject:
+        return await request.app.state.batches.cancel(batch_id, caller.tenant)
 
     @v1.get("/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:

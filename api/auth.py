@@ -13,7 +13,7 @@ so ids do not leak. With auth off there is one caller, who owns every request.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import unavailable
-from shared import apikeys, tracing
+from shared import apikeys, batch_auth, tracing
 from shared.settings import Settings
 
 
@@ -35,6 +35,9 @@ class Caller:
     admin: bool = False
     # The caller's W3C trace context, when it sent one: the request's spans join its trace.
     traceparent: str | None = None
+    # The key's batch signing secret (shared/batch_auth.py): the Batch API signs the lines it
+    # puts on the batch topic as the caller, so workers requiring signatures take them.
+    signing_secret: str | None = field(default=None, repr=False)
 
     @property
     def limited(self) -> bool:
@@ -75,6 +78,7 @@ class Authenticator:
             requests_per_min=_or_default(record.requests_per_min, self.settings.rate_limit_rpm),
             tokens_per_min=_or_default(record.tokens_per_min, self.settings.rate_limit_tpm),
             admin=record.admin,
+            signing_secret=batch_auth.secret_for(key),
         )
 
 

@@ -40,16 +40,22 @@ class RequestMetrics:
 class BodyLimit:
     """413 for a request body over the limit, before the route reads (or tokenizes) it: by its
     Content-Length at once, and by counting bytes as they arrive for chunked bodies, which
-    declare no length. /documents may carry SLUICE_MAX_DOCUMENT_BYTES on top of the limit."""
+    declare no length. /documents may carry SLUICE_MAX_DOCUMENT_BYTES on top of the limit, and
+    /v1/files uploads SLUICE_MAX_FILE_BYTES."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_document_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, max_document_bytes: int, max_file_bytes: int = 0
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_document_bytes = max_document_bytes
+        self.max_file_bytes = max_file_bytes
 
     def limit(self, path: str) -> int:
         if path == "/documents" or path.startswith("/documents/"):
             return self.max_bytes + self.max_document_bytes
+        if path == "/v1/files":
+            return self.max_bytes + self.max_file_bytes
         return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -101,12 +101,7 @@ class OpenAIHandler:
     async def chat(
         self, body: ChatCompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> Response:
-        self._check_model(body.model)
-        length_param, max_tokens = body.max_tokens_param()
-        prompt: dict[str, Any] = {"messages": [m.to_wire() for m in body.messages]}
-        if body.response_format is not None:
-            prompt["response_format"] = body.response_format
-        request = await self._to_wire(body, prompt, length_param, max_tokens, caller.tenant)
+        request = await self.chat_message(body, caller.tenant)
         rid = request.message.request_id
         chunks = ChatChunks(f"chatcmpl-{rid}", body.model, int(time.time()))
         if body.stream:
@@ -118,15 +113,28 @@ class OpenAIHandler:
     async def completion(
         self, body: CompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
     ) -> Response:
-        self._check_model(body.model)
-        prompt = {"prompt": body.prompt_text()}
-        request = await self._to_wire(body, prompt, "max_tokens", body.max_tokens, caller.tenant)
+        request = await self.completion_message(body, caller.tenant)
         rid = request.message.request_id
         chunks = CompletionChunks(f"cmpl-{rid}", body.model, int(time.time()))
         if body.stream:
             return await self._stream(request, chunks, body.include_usage(), caller)
         text, done = await self.generate.collect(request, caller, hung_up)
         return _json(chunks.response(text, done), done)
+
+    async def chat_message(self, body: ChatCompletionRequest, tenant: str) -> Validated:
+        """The wire request of a chat body (also a Batch API line's), or a 4xx naming the
+        param."""
+        self._check_model(body.model)
+        length_param, max_tokens = body.max_tokens_param()
+        prompt: dict[str, Any] = {"messages": [m.to_wire() for m in body.messages]}
+        if body.response_format is not None:
+            prompt["response_format"] = body.response_format
+        return await self._to_wire(body, prompt, length_param, max_tokens, tenant)
+
+    async def completion_message(self, body: CompletionRequest, tenant: str) -> Validated:
+        self._check_model(body.model)
+        prompt = {"prompt": body.prompt_text()}
+        return await self._to_wire(body, prompt, "max_tokens", body.max_tokens, tenant)
 
     async def models(self) -> ModelList:
         """The served model, always, and any other model a live worker reports (a worker on the

@@ -47,10 +47,12 @@ def signature(secret: str, value: bytes) -> str:
 
 def sign(api_key: str, value: bytes) -> list[tuple[str, bytes]]:
     """The headers to produce `value` with."""
-    return [
-        (KEY_ID_HEADER, key_id(api_key).encode()),
-        (SIGNATURE_HEADER, signature(secret_for(api_key), value).encode()),
-    ]
+    return signed_by(key_id(api_key), secret_for(api_key), value)
+
+
+def signed_by(key_id: str, secret: str, value: bytes) -> list[tuple[str, bytes]]:
+    """`sign` for one who holds the key's id and secret, not the key (the API, for a caller)."""
+    return [(KEY_ID_HEADER, key_id.encode()), (SIGNATURE_HEADER, signature(secret, value).encode())]
 
 
 def key_id(api_key: str) -> str:

@@ -6,8 +6,8 @@ default user is off and each service authenticates as its own user (SLUICE_REDIS
 SLUICE_REDIS_PASSWORD):
 
 - `sluice-api` reads API keys, heartbeats, event streams and document statuses; it writes only
-  what belongs to requests it takes in (owner, rate limit, cancel, resume, trace) and the
-  ledger (its embedding requests);
+  what belongs to requests it takes in (owner, rate limit, cancel, resume, trace), the
+  ledger (its embedding requests) and the Batch API's files and batches;
 - `sluice-worker` owns the request records and publishes tokens; it reads cancels and the
   batch signing secrets, and cannot see API keys or documents;
 - `sluice-ingestion` writes document statuses only;
@@ -38,9 +38,10 @@ class Rules:
 
 SERVICES: dict[str, Rules] = {
     "api": Rules(
-        commands="+get +set +mget +exists +expire +pexpire +incr +hgetall +hincrbyfloat +zadd "
-        "+zrange +zrem +zscore +zremrangebyscore +time +rpush +xrange +publish +subscribe "
-        "+unsubscribe",
+        commands="+get +set +mget +exists +expire +pexpire +incr +del +hgetall +hincrbyfloat "
+        "+hset +hsetnx +hincrby +hget +hmget +hlen +hexists +zadd +zrange +zrevrange "
+        "+zrangebyscore +zrem +zscore +zremrangebyscore +time +rpush +xrange +publish "
+        "+subscribe +unsubscribe",
         read=("apikey:*", "apikey-id:*", "workers", "events:*"),
         write=(
             "owner:*",
@@ -50,6 +51,12 @@ SERVICES: dict[str, Rules] = {
             "trace:*",
             "doc:*",
             "ledger:*",
+            # the Batch API's (api/files.py, api/batches.py)
+            "file:*",
+            "files:*",
+            "batch:*",
+            "batches:*",
+            "batches-open",
         ),
         channels=("stream:*", "api:*", "cancel"),
     ),

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     # What a worker consumes: both feeds (interactive first), or one, e.g. "batch" for a pool of
     # spot workers that must never hold an interactive request.
     worker_feeds: Literal["all", "interactive", "batch"] = "all"
+    # OpenAI's Batch API (api/batches.py): uploaded and produced files live in this directory
+    # (a ReadWriteMany volume when several API replicas run), uploads up to max_file_bytes.
+    files_dir: Path = Path.home() / ".cache" / "sluice" / "files"
+    max_file_bytes: int = Field(100 * 2**20, ge=1)
+    max_batch_lines: int = Field(50_000, ge=1)
+    # Every API process runs a collector in this group: each batch result is recorded once.
+    batch_collector_group: str = "sluice-batch-collector"
 
     # Model and limits shared by the API (validation) and the workers (engine)
     model: str = DEFAULT_MODEL

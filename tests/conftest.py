@@ -78,6 +78,8 @@ def make_settings(services: Services, **overrides: object) -> Settings:
         "batch_requests_topic": f"sluice.batch.requests.{tag}",
         "batch_results_topic": f"sluice.batch.results.{tag}",
         "batch_consumer_group": f"sluice-batch-workers-{tag}",
+        "batch_collector_group": f"sluice-batch-collector-{tag}",
+        "files_dir": Path(tempfile.gettempdir()) / f"sluice-test-files-{tag}",
         "requests_partitions": 4,
         "worker_metrics_port": 0,
         "ingestion_metrics_port": 0,

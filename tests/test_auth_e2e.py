@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -302,6 +303,48 @@ async def test_embeddings_are_rate_limited_and_billed_to_the_keys_tenant(
         usage = (await http.get("/usage", headers=bearer(plaintext))).json()
     assert usage["requests"] == 1 and usage["prompt_tokens"] == tokens
     assert usage["cost_usd"] == pytest.approx(dollars, abs=1e-8) and dollars > 0
+
+
+def test_batches_and_files_are_their_tenants(auth_stack: LocalStack, tmp_path: Path) -> None:
+    """Another tenant's file or batch is a 404, as if it did not exist; a batch's lines are
+    billed to its tenant."""
+    mine, _ = new_key(auth_stack, "batch-owner", "--rpm", "0", "--tpm", "0")
+    theirs, _ = new_key(auth_stack, "batch-other", "--rpm", "0", "--tpm", "0")
+    body = {"model": auth_stack.settings.model, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
+    line = {"custom_id": "only", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with openai_client(auth_stack, mine) as owner, openai_client(auth_stack, theirs) as other:
+        with path.open("rb") as f:
+            file_id = owner.files.create(file=f, purpose="batch").id
+        batch = owner.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        for attempt in (
+            lambda: other.files.retrieve(file_id),
+            lambda: other.files.content(file_id),
+            lambda: other.files.delete(file_id),
+            lambda: other.batches.retrieve(batch.id),
+            lambda: other.batches.cancel(batch.id),
+            lambda: other.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            ),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                attempt()
+        assert file_id not in {f.id for f in other.files.list().data}
+        assert batch.id not in {b.id for b in other.batches.list().data}
+        deadline = time.monotonic() + 300
+        while owner.batches.retrieve(batch.id).status != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        usage: dict = {}
+        deadline = time.monotonic() + 30
+        while usage.get("requests") != 1 and time.monotonic() < deadline:
+            time.sleep(1)
+            usage = httpx.get(f"{auth_stack.url}/usage", headers=bearer(mine), timeout=30).json()
+        assert usage["requests"] == 1 and usage["cost_usd"] > 0
 
 
 async def test_tokens_per_minute_count_prompt_and_max_tokens(

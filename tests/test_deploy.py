@@ -155,7 +155,7 @@ def test_kustomization_renders(name: str) -> None:
         else {
             "Namespace", "ConfigMap", "Secret", "Deployment", "StatefulSet", "Service",
             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject",
-            "TriggerAuthentication", "NetworkPolicy",
+            "TriggerAuthentication", "NetworkPolicy", "PersistentVolumeClaim",
         }
     )  # fmt: skip
     assert kinds == expected
@@ -592,6 +592,8 @@ def test_kafka_users_may_do_only_what_their_service_does() -> None:
     describe = ("topic", "sluice.*", "Describe")
     assert users["sluice-api"] == {
         ("topic", d.requests_topic, "Write"), ("topic", d.ingest_topic, "Write"), describe,
+        ("topic", d.batch_requests_topic, "Write"), ("topic", d.batch_results_topic + "*", "Read"),
+        ("group", d.batch_collector_group, "Read"),
     }  # fmt: skip
     assert users["sluice-worker"] == {
         ("topic", d.requests_topic, "Read"), ("topic", d.batch_requests_topic, "Read"),
@@ -726,6 +728,24 @@ def test_worker_metrics_name_tenants_only_to_prometheus(overlay: str) -> None:
     assert compose["x-sluice-env"]["SLUICE_METRICS_HOST"] == "0.0.0.0"
     for name in ("worker-cpu", "worker-gpu", "ingestion"):
         assert "ports" not in compose["services"][name], name
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_api_replicas_share_the_batch_apis_files(overlay: str) -> None:
+    """A batch's output is written by whichever API replica finalizes it and read through any:
+    SLUICE_FILES_DIR is one ReadWriteMany volume for all of them (a volume in compose)."""
+    files_dir = settings_map(overlay)["SLUICE_FILES_DIR"]
+    deployment = objects(overlay, "Deployment")["sluice-api"]
+    [container] = containers(deployment).values()
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes[mounts[files_dir]]["persistentVolumeClaim"]["claimName"]
+    pvc = objects(overlay, "PersistentVolumeClaim")[claim]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    api = compose()["services"]["api"]
+    assert api["environment"]["SLUICE_FILES_DIR"] == "/files" and "files:/files" in " ".join(
+        api["volumes"]
+    )
 
 
 def fake_kafka_topics(tmp_path: Path, existing: dict[str, int]) -> tuple[Path, Path]:
