@@ -5,12 +5,13 @@ body; invalid lines go straight to its error file, valid ones onto `sluice.batch
 (request id `<batch id>-<line>`, `correlation` = `custom_id`, deadline = the batch's expiry,
 signed as the caller), where workers serve them with the capacity interactive traffic leaves.
 Results come back through the batch collector (api/batch_collector.py), which records each line
-once (deduplicated by `custom_id`) and, with the batch's last line, writes its output and error
+once (by line, so by `custom_id`) and, with the batch's last line, writes its output and error
 files. State lives in Redis, never in an API process:
 
 - `{prefix}:batch:<id>`: a hash: `static` (what never changes, JSON), `status`, `completed`,
   `failed`, `<status>_at` times, `output_file_id`, `error_file_id`;
-- `{prefix}:batch:<id>:lines`: `custom_id` -> `<line>\t<output or error line>` until finalized;
+- `{prefix}:batch:<id>:lines`: line number -> `<line>\t<counter>\t<output or error line>`,
+  until finalized;
 - `{prefix}:batches:<tenant>` (listing) and `{prefix}:batches-open` (by expiry) sorted sets.
 
 Status moves by compare-and-set (`_MOVE`), so with several API replicas exactly one finalizes,
@@ -65,7 +66,7 @@ for allowed in string.gmatch(ARGV[1], '[^,]+') do
 end
 return 0
 """
-# KEYS[1] the batch, KEYS[2] its lines; ARGV: custom_id, line, counter. Records a line once,
+# KEYS[1] the batch, KEYS[2] its lines; ARGV: line number, text, counter. Records a line once,
 # while the batch is open; returns {recorded (0/1), lines done, total, status}.
 _RECORD = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -148,15 +149,18 @@ class Batches:
             await pipe.execute()
         good, bad = await self._validate(static, numbered)
         for line, custom_id, message in bad:
-            await self.record_line(
-                static.id,
-                custom_id or f"line {line + 1}",
-                line,
-                error_line(static.id, line, custom_id, "invalid_request", message),
-                failed=True,
-            )
-        sent = [await self._send(r, caller) for r in good]
-        await asyncio.gather(*sent)
+            text = error_line(static.id, line, custom_id, "invalid_request", message)
+            await self.record_line(static.id, line, text, failed=True)
+        try:
+            await asyncio.gather(*[await self._send(r, caller) for r in good])
+        except Exception as e:  # Kafka: what was sent may run, but the batch is given up
+            await self._move(keys=[key], args=["validating", "failed", time.time()])
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, "finalized", 1)
+                pipe.delete(key + ":lines")
+                pipe.zrem(self.open_key(), static.id)
+                await pipe.execute()
+            raise OpenAIError(503, "could not enqueue the batch's lines (Kafka unavailable)") from e
         await self._move(keys=[key], args=["validating", "in_progress", time.time()])
         await self.finish_if_done(static.id)
         return await self.get(static.id, caller.tenant)
@@ -288,14 +292,13 @@ class Batches:
             message = result.error or f"the request ended with {result.finish_reason}"
             text = error_line(static.id, n, custom_id, code, message)
             failed = True
-        await self.record_line(static.id, custom_id, n, text, failed)
+        await self.record_line(static.id, n, text, failed)
         await self.finish_if_done(static.id)
 
-    async def record_line(
-        self, batch_id: str, custom_id: str, line: int, text: str, failed: bool
-    ) -> None:
+    async def record_line(self, batch_id: str, line: int, text: str, failed: bool) -> None:
+        """Once per line: by line number, as good as by `custom_id` (unique in a batch)."""
         counter = "failed" if failed else "completed"
-        args = [custom_id, f"{line}\t{counter}\t{text}", counter]
+        args = [str(line), f"{line}\t{counter}\t{text}", counter]
         await self._record(keys=[self.key(batch_id), self.key(batch_id) + ":lines"], args=args)
 
     async def finish_if_done(self, batch_id: str) -> None:

@@ -54,12 +54,13 @@ def jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
 
 
-def test_a_batch_of_200_lines_one_invalid_completes_through_the_openai_client(
+def test_a_batch_of_200_lines_two_invalid_completes_through_the_openai_client(
     client: openai.OpenAI, stack: LocalStack, tmp_path: Path
 ) -> None:
     model = stack.settings.model
     lines = [chat_line(model, i) for i in range(200)]
     lines[57]["body"]["max_tokens"] = 100_000  # over SLUICE_MAX_TOKENS_LIMIT
+    lines[120]["custom_id"] = "q3"  # custom_ids must be unique
     file_id = upload(client, tmp_path / "jobs.jsonl", lines)
     assert client.files.retrieve(file_id).filename == "jobs.jsonl"
     assert file_id in {f.id for f in client.files.list(purpose="batch").data}
@@ -74,14 +75,16 @@ def test_a_batch_of_200_lines_one_invalid_completes_through_the_openai_client(
     batch = wait(client, batch.id, {"completed", "failed", "expired", "cancelled"})
     assert batch.status == "completed", batch
     counts = batch.request_counts
-    assert counts is not None and (counts.total, counts.completed, counts.failed) == (200, 199, 1)
+    assert counts is not None and (counts.total, counts.completed, counts.failed) == (200, 198, 2)
     assert batch.completed_at and batch.in_progress_at and batch.finalizing_at
 
     output = jsonl(client, batch.output_file_id)
-    assert sorted(o["custom_id"] for o in output) == sorted(f"q{i}" for i in range(200) if i != 57)
+    expected = sorted(f"q{i}" for i in range(200) if i not in (57, 120))
+    assert sorted(o["custom_id"] for o in output) == expected
     assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in output)
-    [error] = jsonl(client, batch.error_file_id)
-    assert error["custom_id"] == "q57" and "max_tokens" in error["error"]["message"]
+    too_long, duplicate = jsonl(client, batch.error_file_id)  # in input order
+    assert too_long["custom_id"] == "q57" and "max_tokens" in too_long["error"]["message"]
+    assert duplicate["custom_id"] == "q3" and "earlier line" in duplicate["error"]["message"]
     # Each answer is what the online endpoint answers to the same body (greedy).
     online = client.chat.completions.create(**lines[3]["body"])
     [third] = [o for o in output if o["custom_id"] == "q3"]
