@@ -31,8 +31,6 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 # Documented OpenAI fields Sluice cannot honour, with the values that mean "off".
 _SHARED_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
 }
 CHAT_NEUTRAL: dict[str, tuple[Any, ...]] = {
     **_SHARED_NEUTRAL,
@@ -94,6 +92,11 @@ class _Request(BaseModel):
     seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM's extensions (the openai client sends them in `extra_body`)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=16)
     # OpenAI's end-user id: accepted, not used (the tenant comes from the API key).
     user: str | None = Field(None, max_length=256)
 
@@ -151,8 +154,6 @@ class ChatCompletionRequest(_Request):
     logprobs: Any = None
     top_logprobs: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -195,8 +196,6 @@ class CompletionRequest(_Request):
 
     logprobs: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     best_of: Any = None
     echo: Any = None
     suffix: Any = None

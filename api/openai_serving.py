@@ -181,6 +181,10 @@ class OpenAIHandler:
             "top_p": body.top_p,
             "stop": body.stop_list(),
             "seed": body.seed,
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty,
+            "repetition_penalty": body.repetition_penalty,
+            "stop_token_ids": body.stop_token_ids,
         }
         sampling = {k: v for k, v in given.items() if v is not None}  # None: Sluice's default
         try:

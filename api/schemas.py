@@ -89,6 +89,10 @@ class GenerateBody(PromptInput, SamplingOptions):
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             response_format=self.response_format,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            stop_token_ids=self.stop_token_ids,
         )
 
 

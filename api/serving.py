@@ -34,7 +34,7 @@ from api.streaming import (
 )
 from shared import redis as sredis
 from shared import tracing
-from shared.messages import STRUCTURED_OUTPUT, DoneEvent, GenerationRequest, TokensEvent
+from shared.messages import DoneEvent, GenerationRequest, TokensEvent
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 from shared.tracing import Tracer
@@ -155,7 +155,7 @@ class GenerateHandler:
             enqueued_at=now,
             deadline=now + timeout,
             tenant=tenant,
-            requires=[STRUCTURED_OUTPUT] if sampling.structured() else [],
+            requires=sampling.features(),
         )
         return Validated(message, n_prompt)
 

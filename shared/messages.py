@@ -38,8 +38,10 @@ FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 
 
 # Features a GenerationRequest may require that this code honours (see the module docstring).
-KNOWN_FEATURES: frozenset[str] = frozenset({"structured_output"})
 STRUCTURED_OUTPUT = "structured_output"  # sampling.response_format other than text
+PENALTIES = "penalties"  # presence, frequency or repetition penalty other than neutral
+STOP_TOKEN_IDS = "stop_token_ids"
+KNOWN_FEATURES: frozenset[str] = frozenset({STRUCTURED_OUTPUT, PENALTIES, STOP_TOKEN_IDS})
 
 
 class _Wire(BaseModel):
@@ -98,10 +100,30 @@ class SamplingOptions(_Wire):
     ignore_eos: bool = False
     # Constrained decoding; a request that sets it requires STRUCTURED_OUTPUT (module doc).
     response_format: ResponseFormat | None = None
+    # OpenAI's penalties and vLLM's repetition penalty (neutral: 0, 0, 1); require PENALTIES.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    # vLLM's: token ids that end the completion like EOS; requires STOP_TOKEN_IDS.
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=16)
 
     def structured(self) -> ResponseFormat | None:
         rf = self.response_format
         return rf if rf is not None and rf.constrained else None
+
+    def penalized(self) -> bool:
+        return (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (
+            0.0, 0.0, 1.0,
+        )  # fmt: skip
+
+    def features(self) -> list[str]:
+        """What a worker must honour to answer these options as asked (module doc)."""
+        needed = [
+            (STRUCTURED_OUTPUT, self.structured() is not None),
+            (PENALTIES, self.penalized()),
+            (STOP_TOKEN_IDS, bool(self.stop_token_ids)),
+        ]
+        return [name for name, used in needed if used]
 
 
 class PromptInput(_Wire):

@@ -106,6 +106,30 @@ async def test_stop_and_seed_are_applied(client: httpx.AsyncClient) -> None:
     assert a == b
 
 
+async def test_penalties_and_stop_token_ids_are_applied(
+    client: httpx.AsyncClient, stack: LocalStack
+) -> None:
+    from transformers import AutoTokenizer
+
+    from shared.models import model_path
+
+    # Counting repeats ", " at every step: penalties on repeated tokens break the pattern.
+    count = {"prompt": "Count: 1, 2, 3, 4,", "max_tokens": 16, "temperature": 0}
+    plain = (await client.post("/generate", json=count)).json()["text"]
+    penalized = await client.post(
+        "/generate", json={**count, "frequency_penalty": 2.0, "presence_penalty": 2.0}
+    )
+    assert penalized.status_code == 200, penalized.text
+    assert plain.count(",") > penalized.json()["text"].count(","), (plain, penalized.text)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(stack.settings))
+    [seven] = tokenizer.encode("7", add_special_tokens=False)
+    assert "7" in plain and "8" in plain
+    stopped = (await client.post("/generate", json={**count, "stop_token_ids": [seven]})).json()
+    assert stopped["finish_reason"] == "stop" and "6" in stopped["text"]
+    assert "8" not in stopped["text"]
+
+
 async def test_sixteen_concurrent_streams_each_get_their_own_tokens(
     client: httpx.AsyncClient, greedy_reference: dict[str, str]
 ) -> None:

@@ -235,6 +235,18 @@ def test_structured_output_parses_into_the_clients_pydantic_model(
     assert isinstance(json.loads(loose.choices[0].message.content or ""), dict)
 
 
+def test_penalties_go_through_the_openai_client(client: openai.OpenAI, model: str) -> None:
+    ask = {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0}
+    plain = client.chat.completions.create(**ask)
+    penalized = client.chat.completions.create(
+        **ask, frequency_penalty=1.5, presence_penalty=1.0,
+        extra_body={"repetition_penalty": 1.3, "stop_token_ids": [0]},
+    )  # fmt: skip
+    assert penalized.choices[0].message.content
+    assert plain.usage is not None and penalized.usage is not None
+    assert penalized.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 async def test_generate_takes_response_format_too(stack: LocalStack) -> None:
     schema = {
         "type": "object",

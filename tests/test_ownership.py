@@ -437,4 +437,6 @@ def test_which_taken_over_requests_continue_from_their_tokens() -> None:
     assert resumable(claim(response_format=ResponseFormat(type="text")))
     assert not resumable(claim(stop=["\n"]))
     assert not resumable(claim(response_format=ResponseFormat(type="json_object")))
+    assert not resumable(claim(frequency_penalty=0.5))
+    assert resumable(claim(stop_token_ids=[7]))
     assert not resumable(claim("batch"))

@@ -121,6 +121,8 @@ async def test_unsupported_or_too_long_requests_are_rejected(engine: Transformer
         await run(engine, request("Hi", seed=1))
     with pytest.raises(RequestRejected, match="response_format"):
         await run(engine, request("Hi", response_format={"type": "json_object"}))
+    with pytest.raises(RequestRejected, match=r"presence_penalty.*stop_token_ids"):
+        await run(engine, request("Hi", presence_penalty=1.0, stop_token_ids=[3]))
     with pytest.raises(RequestRejected, match="context length"):
         await run(engine, request("word " * 2100))
     assert engine.num_running() == 0

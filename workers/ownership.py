@@ -302,10 +302,11 @@ def resumable(claim: Claim) -> bool:
     """Whether a taken-over request can continue from its published token ids. Batch requests
     publish nothing and re-run; with stop strings vLLM holds back text that may begin one, so
     published ids can run ahead of published text; a grammar (response_format) would restart
-    at its root after them: those regenerate from the start, and the API relays only what its
-    client does not have yet."""
-    sampling = claim.request.sampling
-    return claim.feed != "batch" and not sampling.stop and sampling.structured() is None
+    at its root after them; penalties would not count them (they are prompt to the new
+    engine): those regenerate from the start, and the API relays only what its client does
+    not have yet."""
+    s = claim.request.sampling
+    return claim.feed != "batch" and not s.stop and s.structured() is None and not s.penalized()
 
 
 def _beat_ts(raw: bytes) -> float:

@@ -24,6 +24,14 @@ from workers.engines.base import Delta, EngineDead, RequestRejected
 _FINISHED = object()  # queued for a request that was aborted: the manager sends nothing more
 
 
+# The request fields behind each feature it cannot honour
+_FIELDS = {
+    "structured_output": "response_format",
+    "penalties": "presence_penalty/frequency_penalty/repetition_penalty",
+    "stop_token_ids": "stop_token_ids",
+}
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -53,10 +61,10 @@ class TransformersEngine:
         s = request.sampling
         if s.seed is not None:
             raise RequestRejected("seed is not supported by the transformers engine")
-        if s.structured() is not None:
+        if needed := s.features():
+            fields = ", ".join(_FIELDS[f] for f in needed)
             raise RequestRejected(
-                "response_format: the transformers engine cannot constrain its output "
-                "(SLUICE_ENGINE=vllm can)"
+                f"{fields}: not supported by the transformers engine (SLUICE_ENGINE=vllm is)"
             )
         ids = prompt_token_ids(self._tokenizer, request)
         if len(ids) + s.max_tokens > self._max_model_len:

@@ -72,6 +72,10 @@ class VllmEngine:
             ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=_structured(s.structured()),
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            stop_token_ids=s.stop_token_ids or None,
         )
         ids = prompt_token_ids(self._tokenizer, request)
         self._running.add(request.request_id)
