@@ -215,6 +215,8 @@ class Batches:
             raise from_validation(RequestValidationError(e.errors())) from e
         except Exception as e:  # the online checks' 4xx (RequestValidationError, HTTPException)
             raise _as_openai(e) from e
+        if validated.message.sampling.logprobs is not None:
+            raise ValueError("logprobs: not returned by batches (batch results carry text)")
         return validated.message.model_copy(update={
             "request_id": f"{static.id}-{n}", "correlation": custom_id,
             "deadline": float(static.expires_at),

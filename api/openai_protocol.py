@@ -34,8 +34,6 @@ _SHARED_NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 CHAT_NEUTRAL: dict[str, tuple[Any, ...]] = {
     **_SHARED_NEUTRAL,
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
@@ -52,7 +50,6 @@ CHAT_NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 COMPLETION_NEUTRAL: dict[str, tuple[Any, ...]] = {
     **_SHARED_NEUTRAL,
-    "logprobs": (None,),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -150,9 +147,8 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessageIn] = Field(..., min_length=1)
     # OpenAI's newer name for max_tokens; either may be given (both: they must agree).
     max_completion_tokens: int | None = Field(None, gt=0)
-
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -174,6 +170,17 @@ class ChatCompletionRequest(_Request):
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(CHAT_NEUTRAL, value, info)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return value
+
+    def logprobs_param(self) -> int | None:
+        """sampling.logprobs: the alternatives to return, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @field_validator("max_completion_tokens")
     @classmethod
     def _agrees_with_max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -193,8 +200,7 @@ class CompletionRequest(_Request):
     """`POST /v1/completions`: one text prompt (token-id and batched prompts are not served)."""
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-
-    logprobs: Any = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # the alternatives at each token
     logit_bias: Any = None
     best_of: Any = None
     echo: Any = None
@@ -228,6 +234,27 @@ class _Response(BaseModel):
     sluice_cost_usd: float | None = None
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -236,7 +263,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -249,7 +276,7 @@ class ChatCompletionResponse(_Response):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -292,7 +319,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

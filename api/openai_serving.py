@@ -39,8 +39,10 @@ from api.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorDetail,
@@ -48,13 +50,15 @@ from api.openai_protocol import (
     ModelCard,
     ModelList,
     ModelWorker,
+    TokenLogprobOut,
+    TopLogprobOut,
     UsageInfo,
 )
 from api.schemas import GenerateBody
 from api.serving import SSE_HEADERS, GenerateHandler, HungUp, Validated
 from api.streaming import Event, RequestFailed
 from shared import metrics
-from shared.messages import DoneEvent, TokensEvent
+from shared.messages import DoneEvent, Token, TokensEvent
 from shared.redis import live_workers
 from shared.settings import Settings
 
@@ -107,8 +111,8 @@ class OpenAIHandler:
         if body.stream:
             return await self._stream(request, chunks, body.include_usage(), caller)
         # RequestFailed: see install_error_handlers
-        text, done = await self.generate.collect(request, caller, hung_up)
-        return _json(chunks.response(text, done), done)
+        whole = await self.generate.collect(request, caller, hung_up)
+        return _json(chunks.response(whole.text, whole.done, whole.logprobs), whole.done)
 
     async def completion(
         self, body: CompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
@@ -118,8 +122,8 @@ class OpenAIHandler:
         chunks = CompletionChunks(f"cmpl-{rid}", body.model, int(time.time()))
         if body.stream:
             return await self._stream(request, chunks, body.include_usage(), caller)
-        text, done = await self.generate.collect(request, caller, hung_up)
-        return _json(chunks.response(text, done), done)
+        whole = await self.generate.collect(request, caller, hung_up)
+        return _json(chunks.response(whole.text, whole.done, whole.logprobs), whole.done)
 
     async def chat_message(self, body: ChatCompletionRequest, tenant: str) -> Validated:
         """The wire request of a chat body (also a Batch API line's), or a 4xx naming the
@@ -129,11 +133,15 @@ class OpenAIHandler:
         prompt: dict[str, Any] = {"messages": [m.to_wire() for m in body.messages]}
         if body.response_format is not None:
             prompt["response_format"] = body.response_format
+        if body.logprobs_param() is not None:
+            prompt["logprobs"] = body.logprobs_param()
         return await self._to_wire(body, prompt, length_param, max_tokens, tenant)
 
     async def completion_message(self, body: CompletionRequest, tenant: str) -> Validated:
         self._check_model(body.model)
-        prompt = {"prompt": body.prompt_text()}
+        prompt: dict[str, Any] = {"prompt": body.prompt_text()}
+        if body.logprobs is not None:
+            prompt["logprobs"] = body.logprobs
         return await self._to_wire(body, prompt, "max_tokens", body.max_tokens, tenant)
 
     async def models(self) -> ModelList:
@@ -230,6 +238,26 @@ def usage(done: DoneEvent) -> UsageInfo:
     )
 
 
+def chat_logprobs(tokens: list[Token]) -> ChatLogprobs | None:
+    tokens = [t for t in tokens if t.logprob is not None]
+    if not tokens:
+        return None
+    return ChatLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=t.token or "",
+                logprob=t.logprob or 0.0,
+                bytes=list((t.token or "").encode()),
+                top_logprobs=[
+                    TopLogprobOut(token=a.token, logprob=a.logprob, bytes=list(a.token.encode()))
+                    for a in t.top_logprobs or []
+                ],
+            )
+            for t in tokens
+        ]
+    )
+
+
 @dataclass
 class Chunks(ABC):
     """One response's id, model and creation time, and the objects built from its events."""
@@ -237,6 +265,7 @@ class Chunks(ABC):
     id: str
     model: str
     created: int
+    chars: int = 0  # of text already in chunks (completions' logprobs count offsets)
 
     def head(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.model, "created": self.created}
@@ -245,7 +274,7 @@ class Chunks(ABC):
         return ()
 
     @abstractmethod
-    def text(self, text: str) -> BaseModel: ...
+    def text(self, text: str, tokens: list[Token]) -> BaseModel: ...
 
     @abstractmethod
     def finish(self, done: DoneEvent) -> BaseModel: ...
@@ -260,8 +289,8 @@ class ChatChunks(Chunks):
         delta = ChatDelta(role="assistant", content="")
         return [ChatCompletionChunk(**self.head(), choices=[ChatChunkChoice(delta=delta)])]
 
-    def text(self, text: str) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=ChatDelta(content=text))
+    def text(self, text: str, tokens: list[Token]) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(delta=ChatDelta(content=text), logprobs=chat_logprobs(tokens))
         return ChatCompletionChunk(**self.head(), choices=[choice])
 
     def finish(self, done: DoneEvent) -> ChatCompletionChunk:
@@ -271,18 +300,36 @@ class ChatChunks(Chunks):
     def usage(self, done: DoneEvent) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head(), choices=[], usage=usage(done))
 
-    def response(self, text: str, done: DoneEvent) -> ChatCompletionResponse:
+    def response(self, text: str, done: DoneEvent, tokens: list[Token]) -> ChatCompletionResponse:
         choice = ChatChoice(
-            message=AssistantMessage(content=text), finish_reason=done.finish_reason
-        )
+            message=AssistantMessage(content=text), finish_reason=done.finish_reason,
+            logprobs=chat_logprobs(tokens),
+        )  # fmt: skip
         return ChatCompletionResponse(
             **self.head(), choices=[choice], usage=usage(done), sluice_cost_usd=done.cost_usd
         )
 
 
 class CompletionChunks(Chunks):
-    def text(self, text: str) -> CompletionChunk:
-        return CompletionChunk(**self.head(), choices=[CompletionChoice(text=text)])
+    def text(self, text: str, tokens: list[Token]) -> CompletionChunk:
+        choice = CompletionChoice(text=text, logprobs=self.logprobs(tokens))
+        return CompletionChunk(**self.head(), choices=[choice])
+
+    def logprobs(self, tokens: list[Token]) -> CompletionLogprobs | None:
+        """OpenAI's legacy shape; `text_offset` counts from the completion's start."""
+        tokens = [t for t in tokens if t.logprob is not None]
+        if not tokens:
+            return None
+        offsets = []
+        for t in tokens:
+            offsets.append(self.chars)
+            self.chars += len(t.token or "")
+        return CompletionLogprobs(
+            tokens=[t.token or "" for t in tokens],
+            token_logprobs=[t.logprob or 0.0 for t in tokens],
+            top_logprobs=[{a.token: a.logprob for a in t.top_logprobs or []} for t in tokens],
+            text_offset=offsets,
+        )
 
     def finish(self, done: DoneEvent) -> CompletionChunk:
         choice = CompletionChoice(text="", finish_reason=done.finish_reason)
@@ -291,8 +338,10 @@ class CompletionChunks(Chunks):
     def usage(self, done: DoneEvent) -> CompletionChunk:
         return CompletionChunk(**self.head(), choices=[], usage=usage(done))
 
-    def response(self, text: str, done: DoneEvent) -> CompletionResponse:
-        choice = CompletionChoice(text=text, finish_reason=done.finish_reason)
+    def response(self, text: str, done: DoneEvent, tokens: list[Token]) -> CompletionResponse:
+        choice = CompletionChoice(
+            text=text, finish_reason=done.finish_reason, logprobs=self.logprobs(tokens)
+        )
         return CompletionResponse(
             **self.head(), choices=[choice], usage=usage(done), sluice_cost_usd=done.cost_usd
         )
@@ -315,13 +364,13 @@ async def sse_chunks(
             if isinstance(event, TokensEvent):
                 text = "".join(t.text for t in event.tokens)
                 if text:  # one chunk per coalesced event, however many tokens it holds
-                    yield frame(chunks.text(text))
+                    yield frame(chunks.text(text, event.tokens))
             elif isinstance(event, DoneEvent):
                 yield frame(chunks.finish(event))
                 if include_usage:
                     yield frame(chunks.usage(event))
-            else:
-                yield frame(OpenAIError(502, event.message).body)
+            else:  # a refusal is the client's to fix (400); a failure the server's (502)
+                yield frame(OpenAIError(400 if event.rejected else 502, event.message).body)
     except RequestFailed as e:
         yield frame(OpenAIError(e.status, e.message).body)
     yield DONE_FRAME
@@ -391,8 +440,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_failed(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestFailed)
-        if v1(request):  # OpenAI answers a request it cannot serve as given with a 400
-            return OpenAIError(400 if exc.status == 422 else exc.status, exc.message).response()
+        if v1(request):
+            return OpenAIError(exc.status, exc.message).response()
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     app.add_exception_handler(OpenAIError, on_openai)

@@ -18,6 +18,7 @@ from shared.messages import (
     SamplingOptions,
     StrictChatMessage,
     Timings,
+    Token,
     Usage,
 )
 
@@ -93,6 +94,7 @@ class GenerateBody(PromptInput, SamplingOptions):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             stop_token_ids=self.stop_token_ids,
+            logprobs=self.logprobs,
         )
 
 
@@ -103,6 +105,8 @@ class GenerateResponse(BaseModel):
     usage: Usage
     timings: Timings
     cost_usd: float | None = None
+    # With `logprobs`: each token, its log probability and the top alternatives
+    logprobs: list[Token] | None = None
 
 
 # --- Documents and retrieval (docs/RAG.md)

@@ -24,6 +24,7 @@ from api.ratelimit import RateLimiter
 from api.schemas import GenerateBody, GenerateResponse
 from api.streaming import (
     Clock,
+    Completion,
     Event,
     Relayed,
     RequestFailed,
@@ -34,7 +35,7 @@ from api.streaming import (
 )
 from shared import redis as sredis
 from shared import tracing
-from shared.messages import DoneEvent, GenerationRequest, TokensEvent
+from shared.messages import GenerationRequest, TokensEvent
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 from shared.tracing import Tracer
@@ -120,6 +121,12 @@ class GenerateHandler:
                 "max_tokens", f"must be <= {limit} (SLUICE_MAX_TOKENS_LIMIT)", body.max_tokens
             )
         sampling = body.sampling(min(self.settings.default_max_tokens, limit))
+        vocabulary = len(self.tokenizer)
+        if any(i >= vocabulary for i in sampling.stop_token_ids):
+            raise invalid_field(
+                "stop_token_ids", f"token ids are below {vocabulary} (the model's vocabulary)",
+                sampling.stop_token_ids,
+            )  # fmt: skip
         context = self.settings.max_model_len
         field = "prompt" if body.prompt is not None else "messages"
         # A cheap bound first: no token covers more than `_token_chars` characters, so a text
@@ -315,7 +322,7 @@ class GenerateHandler:
 
     async def collect(
         self, request: Validated, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
-    ) -> tuple[str, DoneEvent]:
+    ) -> Completion:
         """Enqueue the request and wait for its whole completion (`stream: false`). A client
         that hangs up first cancels it, as for a stream: nobody would read the answer."""
         rid = request.message.request_id
@@ -342,14 +349,16 @@ class GenerateHandler:
     ) -> GenerateResponse:
         request = await self.to_message(body, caller.tenant, request_id)
         try:
-            text, done = await self.collect(request, caller, hung_up)
+            whole = await self.collect(request, caller, hung_up)
         except RequestFailed as e:
             raise HTTPException(e.status, e.message) from e
+        done = whole.done
         return GenerateResponse(
             request_id=done.request_id,
-            text=text,
+            text=whole.text,
             finish_reason=done.finish_reason,
             usage=done.usage,
             timings=done.timings,
             cost_usd=done.cost_usd,
+            logprobs=whole.logprobs if request.message.sampling.logprobs is not None else None,
         )

@@ -290,14 +290,25 @@ async def sse_frames(source: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         metrics.OPEN_STREAMS.dec()
 
 
-async def collect(source: AsyncIterator[Event]) -> tuple[str, DoneEvent]:
+@dataclass
+class Completion:
+    """A whole completion (`stream: false`)."""
+
+    text: str
+    done: DoneEvent
+    logprobs: list[Token]  # its tokens, when the request asked for their logprobs
+
+
+async def collect(source: AsyncIterator[Event]) -> Completion:
     """The whole completion, for `stream: false`."""
     parts: list[str] = []
+    logprobs: list[Token] = []
     async for event in source:
         if isinstance(event, TokensEvent):
             parts.extend(t.text for t in event.tokens)
+            logprobs.extend(t for t in event.tokens if t.logprob is not None)
         elif isinstance(event, DoneEvent):
-            return "".join(parts), event
+            return Completion("".join(parts), event, logprobs)
         else:
-            raise RequestFailed(422 if event.rejected else 502, event.message)
+            raise RequestFailed(400 if event.rejected else 502, event.message)
     raise RequestFailed(502, "stream ended without a result")

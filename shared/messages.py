@@ -29,7 +29,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -41,7 +50,8 @@ FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 STRUCTURED_OUTPUT = "structured_output"  # sampling.response_format other than text
 PENALTIES = "penalties"  # presence, frequency or repetition penalty other than neutral
 STOP_TOKEN_IDS = "stop_token_ids"
-KNOWN_FEATURES: frozenset[str] = frozenset({STRUCTURED_OUTPUT, PENALTIES, STOP_TOKEN_IDS})
+LOGPROBS = "logprobs"
+KNOWN_FEATURES: frozenset[str] = frozenset({STRUCTURED_OUTPUT, PENALTIES, STOP_TOKEN_IDS, LOGPROBS})
 
 
 class _Wire(BaseModel):
@@ -106,6 +116,8 @@ class SamplingOptions(_Wire):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     # vLLM's: token ids that end the completion like EOS; requires STOP_TOKEN_IDS.
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=16)
+    # Each token's log probability and this many most likely alternatives; requires LOGPROBS.
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     def structured(self) -> ResponseFormat | None:
         rf = self.response_format
@@ -122,6 +134,7 @@ class SamplingOptions(_Wire):
             (STRUCTURED_OUTPUT, self.structured() is not None),
             (PENALTIES, self.penalized()),
             (STOP_TOKEN_IDS, bool(self.stop_token_ids)),
+            (LOGPROBS, self.logprobs is not None),
         ]
         return [name for name, used in needed if used]
 
@@ -173,6 +186,11 @@ class GenerationRequest(PromptInput):
         return requires
 
 
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+
+
 class Token(_Wire):
     index: int = Field(..., ge=0)
     text: str
@@ -180,6 +198,19 @@ class Token(_Wire):
     # worker crash is generated again from the start, possibly grouped into different deltas;
     # index and offset together let the API relay each character exactly once.
     offset: int | None = None
+    # With sampling.logprobs: this token's own text (`text` may hold a group's), its log
+    # probability, and the most likely alternatives at its position.
+    token: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[TopLogprob] | None = None
+
+    @model_serializer(mode="wrap")
+    def _logprobs_only_when_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.logprob is None:  # most requests: the events stay as small as before
+            for key in ("token", "logprob", "top_logprobs"):
+                data.pop(key, None)
+        return data
 
 
 class Usage(_Wire):

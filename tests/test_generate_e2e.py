@@ -106,6 +106,20 @@ async def test_stop_and_seed_are_applied(client: httpx.AsyncClient) -> None:
     assert a == b
 
 
+async def test_logprobs_come_with_each_token_streamed_or_not(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "Count: 1, 2, 3, 4,", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    tokens, done = await stream(client, body)
+    assert len(tokens) == done["usage"]["completion_tokens"] == 6
+    for t in tokens:
+        assert t["logprob"] <= 0 and len(t["top_logprobs"]) == 2
+        assert t["token"] == t["top_logprobs"][0]["token"]  # greedy: the most likely
+    whole = (await client.post("/generate", json=body)).json()
+    assert [t["token"] for t in whole["logprobs"]] == [t["token"] for t in tokens]
+    assert "".join(t["token"] for t in whole["logprobs"]) == whole["text"]
+    plain = (await client.post("/generate", json=greedy(PROMPTS[1]))).json()
+    assert plain["logprobs"] is None
+
+
 async def test_penalties_and_stop_token_ids_are_applied(
     client: httpx.AsyncClient, stack: LocalStack
 ) -> None:

@@ -235,6 +235,40 @@ def test_structured_output_parses_into_the_clients_pydantic_model(
     assert isinstance(json.loads(loose.choices[0].message.content or ""), dict)
 
 
+def test_logprobs_in_chat_and_completions_streamed_or_not(
+    client: openai.OpenAI, model: str
+) -> None:
+    ask = {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0}
+    whole = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None and whole.usage is not None
+    # Every token of the text; the EOS that ended it counts in usage but is not text.
+    ended_by_eos = whole.choices[0].finish_reason == "stop"
+    assert len(logprobs.content) == whole.usage.completion_tokens - ended_by_eos
+    assert "".join(t.token for t in logprobs.content) == whole.choices[0].message.content
+    for t in logprobs.content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob)
+        assert bytes(t.bytes or []).decode() == t.token
+    streamed = [
+        token
+        for chunk in client.chat.completions.create(**ask, logprobs=True, stream=True)
+        for choice in chunk.choices
+        for token in (choice.logprobs.content or [] if choice.logprobs else [])
+    ]
+    assert [t.token for t in streamed] == [t.token for t in logprobs.content]
+    assert all(t.top_logprobs == [] for t in streamed)  # top_logprobs not asked: none
+
+    completion = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
+    )
+    legacy = completion.choices[0].logprobs
+    assert legacy is not None and legacy.tokens and legacy.top_logprobs and legacy.text_offset
+    assert "".join(legacy.tokens) == completion.choices[0].text
+    assert all(len(top) <= 2 for top in legacy.top_logprobs)
+    assert legacy.text_offset == sorted(legacy.text_offset) and legacy.text_offset[0] == 0
+
+
 def test_penalties_go_through_the_openai_client(client: openai.OpenAI, model: str) -> None:
     ask = {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0}
     plain = client.chat.completions.create(**ask)
@@ -266,7 +300,7 @@ async def test_generate_takes_response_format_too(stack: LocalStack) -> None:
         dangling = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
         body["response_format"]["json_schema"]["schema"] = dangling
         failed = await http.post("/generate", json=body)
-        assert failed.status_code == 422 and "Grammar error" in failed.json()["detail"], failed.text
+        assert failed.status_code == 400 and "Grammar error" in failed.json()["detail"], failed.text
         body["response_format"]["json_schema"]["schema"] = {"type": "nonsense"}
         bad = await http.post("/generate", json=body)
     assert bad.status_code == 422
@@ -290,7 +324,8 @@ async def test_generate_takes_response_format_too(stack: LocalStack) -> None:
         ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"extra_body": {"guided_json": {}}}, "guided_json"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
         ({"n": 2, "stream": True}, "n"),

@@ -533,7 +533,10 @@ class Worker:
                             self.tracer.hop(rid, tracing.ENGINE_FIRST_TOKEN, delta.sampled_at)
                         self.tracer.hop(rid, tracing.WORKER_FIRST_TOKEN, p.first_token_at)
                     spent = self.cost.spent(rid)
-                    sink.tokens(p.completion_tokens, delta.text, delta.token_ids, spent - reported)
+                    sink.tokens(
+                        p.completion_tokens, delta.text, delta.token_ids, spent - reported,
+                        delta.logprobs,
+                    )  # fmt: skip
                     running.ids.extend(delta.token_ids)
                     reported = spent
                     p.completion_tokens += delta.num_tokens

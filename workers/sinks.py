@@ -25,9 +25,11 @@ from shared.messages import (
     GenerationRequest,
     Timings,
     Token,
+    TopLogprob,
     Usage,
 )
 from shared.settings import Settings
+from workers.engines.base import TokenLogprobs
 from workers.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,10 @@ def done_event(
 class Sink(Protocol):
     # Each terminal call returns False when the request had been taken over by another worker
     # (fenced): nothing was stored, and the request is not this worker's to finish.
-    def tokens(self, start: int, text: str, ids: tuple[int, ...], seconds: float) -> None: ...
+    def tokens(
+        self, start: int, text: str, ids: tuple[int, ...], seconds: float,
+        logprobs: tuple[TokenLogprobs, ...] = (),
+    ) -> None: ...  # fmt: skip
 
     async def done(self, event: DoneEvent) -> bool: ...
 
@@ -91,8 +96,11 @@ class StreamSink:
         self._dead_letter = dead_letter
         self._chars = chars  # of text published so far: a token's offset
 
-    def tokens(self, start: int, text: str, ids: tuple[int, ...], seconds: float) -> None:
-        tokens = _tokens(start, len(ids), text, self._chars)
+    def tokens(
+        self, start: int, text: str, ids: tuple[int, ...], seconds: float,
+        logprobs: tuple[TokenLogprobs, ...] = (),
+    ) -> None:  # fmt: skip
+        tokens = _tokens(start, len(ids), text, self._chars, logprobs)
         self._chars += len(text)
         self._publisher.tokens(self._rid, self._epoch, tokens, list(ids), self._chars, seconds)
 
@@ -147,7 +155,10 @@ class BatchSink:
         self._finish = finish
         self._parts: list[str] = []
 
-    def tokens(self, start: int, text: str, ids: tuple[int, ...], seconds: float) -> None:
+    def tokens(
+        self, start: int, text: str, ids: tuple[int, ...], seconds: float,
+        logprobs: tuple[TokenLogprobs, ...] = (),
+    ) -> None:  # fmt: skip
         self._parts.append(text)
 
     async def done(self, event: DoneEvent) -> bool:
@@ -189,12 +200,18 @@ def _ms_since(t: float, now: float) -> float:
     return round(max(0.0, now - t) * 1000, 2)
 
 
-def _tokens(start: int, count: int, text: str, offset: int) -> list[Token]:
+def _tokens(
+    start: int, count: int, text: str, offset: int, logprobs: tuple[TokenLogprobs, ...] = ()
+) -> list[Token]:
     """One event per token. When a delta holds several tokens (vLLM may group them), the text
     rides on the last one, so indices stay exact and the texts still concatenate. `offset`
     (where the text starts in the completion) lets the API trim a replayed generation that
     grouped tokens differently."""
-    return [
+    tokens = [
         Token(index=start + i, text=text if i == count - 1 else "", offset=offset)
         for i in range(count)
     ]
+    for token, (own, logprob, top) in zip(tokens, logprobs, strict=False):
+        token.token, token.logprob = own, logprob
+        token.top_logprobs = [TopLogprob(token=t, logprob=lp) for t, lp in top]
+    return tokens

@@ -21,10 +21,15 @@ class Delta:
     prompt_tokens: int
     finish_reason: str | None = None
     token_ids: tuple[int, ...] = ()  # the new tokens' ids: what a takeover continues from
+    # With sampling.logprobs, per new token: (its text, its log probability, the top ones)
+    logprobs: tuple[TokenLogprobs, ...] = ()
     # Wall times the engine first scheduled the request and sampled its first token, when the
     # engine keeps them (for the request's trace)
     scheduled_at: float | None = None
     sampled_at: float | None = None
+
+
+TokenLogprobs = tuple[str, float, tuple[tuple[str, float], ...]]
 
 
 class RequestRejected(ValueError):

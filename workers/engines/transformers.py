@@ -29,6 +29,7 @@ _FIELDS = {
     "structured_output": "response_format",
     "penalties": "presence_penalty/frequency_penalty/repetition_penalty",
     "stop_token_ids": "stop_token_ids",
+    "logprobs": "logprobs",
 }
 
 

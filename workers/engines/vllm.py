@@ -18,7 +18,7 @@ from shared.messages import GenerationRequest, ResponseFormat
 from shared.models import model_path
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
-from workers.engines.base import Delta, EngineDead, RequestRejected
+from workers.engines.base import Delta, EngineDead, RequestRejected, TokenLogprobs
 
 
 class VllmEngine:
@@ -76,6 +76,7 @@ class VllmEngine:
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
             stop_token_ids=s.stop_token_ids or None,
+            logprobs=s.logprobs,
         )
         ids = prompt_token_ids(self._tokenizer, request)
         self._running.add(request.request_id)
@@ -99,6 +100,7 @@ class VllmEngine:
                     prompt_tokens=len(ids),
                     finish_reason=completion.finish_reason,
                     token_ids=tuple(completion.token_ids),
+                    logprobs=_logprobs(completion, s.logprobs),
                     scheduled_at=scheduled_at,
                     sampled_at=sampled_at,
                 )
@@ -117,6 +119,25 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _logprobs(completion: Any, top: int | None) -> tuple[TokenLogprobs, ...]:
+    """vLLM's per-token dicts (token id -> Logprob: the sampled one and the `top` most likely)
+    as (text, logprob, alternatives by rank)."""
+    if top is None or not completion.logprobs:
+        return ()
+    out = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=True):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.values(), key=lambda c: c.rank)[:top]
+        alternatives = tuple((c.decoded_token or "", c.logprob) for c in ranked)
+        out.append((chosen.decoded_token or "", chosen.logprob, alternatives))
+    # Ended by EOS or a stop token id: that token is not in the text, so not in the logprobs
+    # (as OpenAI reports them); the token still counts in usage.
+    ended_by_token = completion.finish_reason == "stop" and not isinstance(
+        completion.stop_reason, str
+    )
+    return tuple(out[:-1] if ended_by_token else out)
 
 
 def _structured(rf: ResponseFormat | None) -> Any:
