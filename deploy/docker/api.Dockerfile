@@ -38,9 +38,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
     && rm -rf /var/lib/apt/lists/*
 # A fixed numeric UID so that Kubernetes' runAsNonRoot can verify it and volumes get fsGroup.
+# /files (the Batch API's, SLUICE_FILES_DIR) exists and is sluice's, so a fresh compose volume
+# mounted there is too.
 RUN groupadd --system --gid 10001 sluice \
     && useradd --system --uid 10001 --gid sluice --home-dir /home/sluice --create-home sluice \
-    && install -d -o sluice -g sluice /models /app
+    && install -d -o sluice -g sluice /models /app /files
 COPY --from=build /opt/venv /opt/venv
 # The RAG prompt template is read from a file; settings default it next to the source tree,
 # which a non-editable install does not have.
