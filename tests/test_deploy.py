@@ -253,6 +253,11 @@ def test_setting_names_are_real_settings() -> None:
         assert found <= SETTINGS, f"{where}: not settings: {sorted(found - SETTINGS)}"
 
 
+def test_every_setting_is_documented_in_env_example() -> None:
+    documented = (ROOT / ".env.example").read_text()
+    assert not [name for name in sorted(SETTINGS) if name not in documented]
+
+
 # ----------------------------------------------------------------------------------- KEDA
 
 
