@@ -29,7 +29,7 @@ def test_request_round_trips_with_its_version() -> None:
         request(v=2),
         request(prompt=None),
         request(messages=[]),
-        request(requires=["logprobs"]),  # a feature this code does not have yet
+        request(requires=["n"]),  # a feature this code does not have yet (n > 1)
         request(sampling={"max_tokens": 0}),
         request(request_id=""),
     ],
@@ -83,8 +83,8 @@ def test_an_old_reader_ignores_informational_additions_at_every_level() -> None:
 
 
 def test_a_feature_that_changes_the_answer_is_refused_by_name_not_ignored() -> None:
-    with pytest.raises(ValidationError, match="does not have: logprobs"):
-        GenerationRequest.model_validate(request(requires=["logprobs"]))
+    with pytest.raises(ValidationError, match="does not have: n"):
+        GenerationRequest.model_validate(request(requires=["n"]))
     # Structured output is one this code has: it travels with its feature name.
     schema = {"name": "a", "schema": {"type": "object"}}
     rf = {"type": "json_schema", "json_schema": schema}
