@@ -121,7 +121,7 @@ class GenerateHandler:
                 "max_tokens", f"must be <= {limit} (SLUICE_MAX_TOKENS_LIMIT)", body.max_tokens
             )
         sampling = body.sampling(min(self.settings.default_max_tokens, limit))
-        vocabulary = len(self.tokenizer)
+        vocabulary = len(self.tokenizer) if sampling.stop_token_ids else 0
         if any(i >= vocabulary for i in sampling.stop_token_ids):
             raise invalid_field(
                 "stop_token_ids", f"token ids are below {vocabulary} (the model's vocabulary)",
