@@ -27,8 +27,10 @@ import uuid
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException
 
 from api.auth import Caller
 from api.files import Files
@@ -47,7 +49,8 @@ from api.openai_protocol import (
     UsageInfo,
 )
 from api.openai_serving import OpenAIError, OpenAIHandler, from_validation
-from shared import batch_auth
+from shared import batch
+from shared import redis as sredis
 from shared.messages import BatchResult, GenerationRequest
 from shared.settings import Settings
 
@@ -152,7 +155,11 @@ class Batches:
             text = error_line(static.id, line, custom_id, "invalid_request", message)
             await self.record_line(static.id, line, text, failed=True)
         try:
-            await asyncio.gather(*[await self._send(r, caller) for r in good])
+            signer = None
+            if caller.key_id is not None and caller.signing_secret is not None:
+                signer = (caller.key_id, caller.signing_secret)
+            topic = self.settings.batch_requests_topic
+            await asyncio.gather(*[await batch.send(self.producer, topic, r, signer) for r in good])
         except Exception as e:  # Kafka: what was sent may run, but the batch is given up
             await self._move(keys=[key], args=["validating", "failed", time.time()])
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -210,8 +217,6 @@ class Batches:
                 completion = CompletionRequest.model_validate(body)
                 validated = await self.openai.completion_message(completion, static.tenant)
         except ValidationError as e:
-            from fastapi.exceptions import RequestValidationError
-
             raise from_validation(RequestValidationError(e.errors())) from e
         except Exception as e:  # the online checks' 4xx (RequestValidationError, HTTPException)
             raise _as_openai(e) from e
@@ -221,16 +226,6 @@ class Batches:
             "request_id": f"{static.id}-{n}", "correlation": custom_id,
             "deadline": float(static.expires_at),
         })  # fmt: skip
-
-    async def _send(self, request: GenerationRequest, caller: Caller) -> asyncio.Future[Any]:
-        value = request.model_dump_json().encode()
-        headers = None
-        if caller.signing_secret is not None and caller.key_id is not None:
-            headers = batch_auth.signed_by(caller.key_id, caller.signing_secret, value)
-        return await self.producer.send(
-            self.settings.batch_requests_topic, value=value, key=request.request_id.encode(),
-            headers=headers,
-        )  # fmt: skip
 
     async def get(self, batch_id: str, tenant: str) -> BatchObject:
         raw = await self.redis.hgetall(self.key(batch_id)) if batch_id.startswith("batch_") else {}
@@ -263,16 +258,8 @@ class Batches:
     async def stop_lines(self, batch_id: str, total: int, until: int) -> None:
         """Cancel every line still queued or running: workers drop queued ones unrun and
         stop running ones (their results say `abort`). Marks last until the batch's expiry."""
-        ttl_ms = max(1000, int((until - time.time()) * 1000))
-        pipe = self.redis.pipeline(transaction=False)
-        for n in range(total):
-            rid = f"{batch_id}-{n}"
-            pipe.set(self.settings.cancelled_key(rid), "1", px=ttl_ms)
-            pipe.publish(
-                self.settings.cancel_channel,
-                json.dumps({"v": 1, "type": "cancel", "request_id": rid, "reason": "cancelled"}),
-            )
-        await pipe.execute()
+        rids = [f"{batch_id}-{n}" for n in range(total)]
+        await sredis.cancel_many(self.redis, self.settings, rids, "cancelled", until - time.time())
 
     # -- the collector's side (api/batch_collector.py) ---------------------------------------
 
@@ -416,9 +403,6 @@ def _object(static: Static, fields: dict[str, str]) -> BatchObject:
 
 
 def _as_openai(error: Exception) -> OpenAIError:
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
     if isinstance(error, OpenAIError):
         return error
     if isinstance(error, RequestValidationError):

@@ -87,13 +87,14 @@ async def submit(
     """Produce the requests to the batch topic, keyed by request id, signed with `api_key`
     when given (shared/batch_auth.py)."""
     await kafka.ensure_topics(settings)
+    signer = (batch_auth.key_id(api_key), batch_auth.secret_for(api_key)) if api_key else None
     producer = kafka.make_producer(settings)
     await producer.start()
     try:
         with tqdm(total=len(requests), desc="submitting", unit="req") as bar:
             for i in range(0, len(requests), SEND_CHUNK):
                 sent = [
-                    await _send(producer, settings.batch_requests_topic, r, api_key)
+                    await send(producer, settings.batch_requests_topic, r, signer)
                     for r in requests[i : i + SEND_CHUNK]
                 ]
                 for future in sent:
@@ -103,11 +104,17 @@ async def submit(
         await producer.stop()
 
 
-async def _send(
-    producer: AIOKafkaProducer, topic: str, request: GenerationRequest, api_key: str | None
+async def send(
+    producer: AIOKafkaProducer,
+    topic: str,
+    request: GenerationRequest,
+    signer: tuple[str, str] | None,
 ) -> asyncio.Future[RecordMetadata]:
+    """Produce one batch request keyed by its id, signed by `signer` (key id, signing secret)
+    when given; the future completes once the broker has it. `sluice batch` and the Batch API
+    both send this way."""
     value = request.model_dump_json().encode()
-    headers = batch_auth.sign(api_key, value) if api_key else None
+    headers = batch_auth.signed_by(*signer, value) if signer else None
     return await producer.send(topic, value=value, key=request.request_id.encode(), headers=headers)
 
 

@@ -56,11 +56,21 @@ async def cancel(
     """Stop a request wherever it is (`reason`: one of `Cancel.reason`'s values). The key
     catches it if it is still queued in Kafka (a worker checks at pick-up); the message reaches
     the worker running it. Both, because pub/sub keeps nothing for whoever is not listening."""
-    cancel = Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
+    # Nobody waits for an interactive request longer than the request timeout.
+    await cancel_many(redis, settings, [request_id], reason, settings.request_timeout_s)
+
+
+async def cancel_many(
+    redis: Redis, settings: Settings, request_ids: list[str], reason: str, keep_s: float
+) -> None:
+    """`cancel` for many requests in one round trip, the marks kept `keep_s` (a batch's lines
+    may wait in Kafka until the batch expires)."""
     pipe = redis.pipeline(transaction=False)
-    ttl_ms = int(settings.request_timeout_s * 1000)  # nobody waits for it longer than this
-    pipe.set(settings.cancelled_key(request_id), "1", px=ttl_ms)
-    pipe.publish(settings.cancel_channel, cancel.model_dump_json())
+    ttl_ms = max(1000, int(keep_s * 1000))
+    for request_id in request_ids:
+        message = Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
+        pipe.set(settings.cancelled_key(request_id), "1", px=ttl_ms)
+        pipe.publish(settings.cancel_channel, message.model_dump_json())
     await pipe.execute()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types import Batch
 from redis import Redis
 
 from shared.devstack import LocalStack
@@ -38,6 +39,13 @@ def upload(client: openai.OpenAI, path: Path, lines: list[dict]) -> str:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with path.open("rb") as f:
         return client.files.create(file=f, purpose="batch").id
+
+
+def start_batch(client: openai.OpenAI, path: Path, lines: list[dict]) -> Batch:
+    return client.batches.create(
+        input_file_id=upload(client, path, lines), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )  # fmt: skip
 
 
 def wait(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout_s: float = 600):
@@ -98,10 +106,7 @@ def test_a_cancelled_batch_stops_its_queued_lines(
     client: openai.OpenAI, stack: LocalStack, tmp_path: Path
 ) -> None:
     lines = [chat_line(stack.settings.model, i, max_tokens=32) for i in range(40)]
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path / "long.jsonl", lines),
-        endpoint="/v1/chat/completions", completion_window="24h",
-    )  # fmt: skip
+    batch = start_batch(client, tmp_path / "long.jsonl", lines)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     batch = wait(client, batch.id, {"cancelled", "completed"}, timeout_s=300)
@@ -118,10 +123,7 @@ def test_a_batch_past_its_window_expires_with_what_is_done(
     client: openai.OpenAI, stack: LocalStack, tmp_path: Path
 ) -> None:
     lines = [chat_line(stack.settings.model, i, max_tokens=48) for i in range(40)]
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path / "slow.jsonl", lines),
-        endpoint="/v1/chat/completions", completion_window="24h",
-    )  # fmt: skip
+    batch = start_batch(client, tmp_path / "slow.jsonl", lines)
     redis = Redis.from_url(stack.settings.redis)
     redis.zadd(f"{stack.settings.redis_prefix}:batches-open", {batch.id: 0})  # its window is over
     redis.close()
