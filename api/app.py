@@ -17,14 +17,16 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
-from api import batch_collector
-from api.auth import AdminDep, Authenticator, CallerDep, OwnedRequestId, require_caller
+from api import batch_collector, batch_embedder
+from api.auth import AdminDep, Authenticator, Caller, CallerDep, OwnedRequestId, require_caller
 from api.batches import Batches
 from api.documents import DocumentsHandler
 from api.errors import invalid_field
 from api.files import DirectoryStore, Files
 from api.health import readiness
+from api.idempotency import Key
 from api.middleware import BodyLimit, RequestMetrics
 from api.openai_embeddings import EmbeddingsHandler
 from api.openai_protocol import (
@@ -62,6 +64,10 @@ from shared.models import model_path
 from shared.settings import Settings
 from shared.tracing import Tracer
 
+# Stripe's limit on the key's length; Last-Event-ID as EventSource sends it on reconnect.
+IdempotencyKey = Annotated[str | None, Header(max_length=255)]
+LastEventId = Annotated[int, Header(ge=-1)]
+
 # Ledger windows are cached as long as a worker waits between flushes (workers/usage.py).
 LEDGER_CACHE_S = 5.0
 LEDGER_FLUSH_S = 5.0
@@ -95,15 +101,21 @@ def create_app(settings: Settings) -> FastAPI:
             settings, embedder, app.state.generate.limiter, usage
         )
         app.state.files = Files(settings, redis, DirectoryStore(settings.files_dir))
-        app.state.batches = Batches(settings, redis, producer, app.state.files, app.state.openai)
+        app.state.batches = Batches(
+            settings, redis, producer, app.state.files, app.state.openai, app.state.embeddings
+        )
         topics = asyncio.create_task(kafka.watch_topics(settings, producer))
         flushing = asyncio.create_task(ledger.flush_every(usage, LEDGER_FLUSH_S))
         collecting = asyncio.create_task(batch_collector.run(settings, app.state.batches))
+        embedding = asyncio.create_task(
+            batch_embedder.run(settings, app.state.batches, app.state.embeddings, producer)
+        )
         try:
             yield
         finally:
             topics.cancel()
             collecting.cancel()
+            embedding.cancel()
             flushing.cancel()
             with contextlib.suppress(Exception):
                 await usage.flush()
@@ -123,14 +135,24 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestMetrics)  # outermost: it counts BodyLimit's 413s too
     install_error_handlers(app)  # OpenAI's error shape on /v1 paths only
 
+    def idempotency(caller: Caller, header: str | None, route: str, body: BaseModel) -> Key | None:
+        return app.state.generate.idempotency.key(caller, header, route, body)
+
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(
-        body: GenerateBody, request: Request, caller: CallerDep
+        body: GenerateBody,
+        request: Request,
+        caller: CallerDep,
+        idempotency_key: IdempotencyKey = None,
+        last_event_id: LastEventId = -1,
     ) -> Response | GenerateResponse:
+        """With an `Idempotency-Key`, a retry attaches to the first request (api/idempotency.py);
+        a streaming one replays after `Last-Event-ID`."""
         handler: GenerateHandler = request.app.state.generate
+        key = idempotency(caller, idempotency_key, "/generate", body)
         if body.stream:
-            return await handler.stream(body, caller=caller)
-        return await handler.complete(body, caller, request.is_disconnected)
+            return await handler.stream(body, caller, key, last_event_id)
+        return await handler.complete(body, caller, request.is_disconnected, key)
 
     @app.delete("/requests/{request_id}", status_code=202)
     async def cancel_request(request_id: OwnedRequestId, request: Request) -> dict[str, str]:
@@ -140,9 +162,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/requests/{request_id}/stream")
     async def resume_stream(
-        request_id: OwnedRequestId,
-        request: Request,
-        last_event_id: Annotated[int, Header(ge=-1)] = -1,
+        request_id: OwnedRequestId, request: Request, last_event_id: LastEventId = -1
     ) -> Response:
         """Resume an SSE stream after the token whose id the client saw last (`Last-Event-ID`,
         as EventSource sends it on reconnect); -1 or absent: from the start."""
@@ -154,13 +174,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(
-        body: ChatCompletionRequest, request: Request, caller: CallerDep
+        body: ChatCompletionRequest,
+        request: Request,
+        caller: CallerDep,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        return await request.app.state.openai.chat(body, caller, request.is_disconnected)
+        key = idempotency(caller, idempotency_key, "/v1/chat/completions", body)
+        return await request.app.state.openai.chat(body, caller, request.is_disconnected, key)
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Response:
-        return await request.app.state.openai.completion(body, caller, request.is_disconnected)
+    async def completions(
+        body: CompletionRequest,
+        request: Request,
+        caller: CallerDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        key = idempotency(caller, idempotency_key, "/v1/completions", body)
+        return await request.app.state.openai.completion(body, caller, request.is_disconnected, key)
 
     @v1.post("/embeddings", response_model=EmbeddingResponse)
     async def embeddings(body: EmbeddingRequest, request: Request, caller: CallerDep) -> Response:
@@ -200,8 +230,14 @@ def create_app(settings: Settings) -> FastAPI:
         return await request.app.state.files.delete(file_id, caller.tenant)
 
     @v1.post("/batches", response_model=BatchObject)
-    async def create_batch(body: BatchCreate, request: Request, caller: CallerDep) -> BatchObject:
-        return await request.app.state.batches.create(body, caller)
+    async def create_batch(
+        body: BatchCreate,
+        request: Request,
+        caller: CallerDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> BatchObject:
+        key = idempotency(caller, idempotency_key, "/v1/batches", body)
+        return await request.app.state.batches.create(body, caller, key)
 
     @v1.get("/batches", response_model=BatchList)
     async def list_batches(
@@ -228,9 +264,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/rag-generate", response_model=RagGenerateResponse)
     async def rag_generate(
-        body: RagGenerateBody, request: Request, caller: CallerDep
+        body: RagGenerateBody,
+        request: Request,
+        caller: CallerDep,
+        idempotency_key: IdempotencyKey = None,
+        last_event_id: LastEventId = -1,
     ) -> Response | RagGenerateResponse:
-        return await request.app.state.rag.answer(body, caller, request.is_disconnected)
+        key = idempotency(caller, idempotency_key, "/rag-generate", body)
+        rag = request.app.state.rag
+        return await rag.answer(body, caller, request.is_disconnected, key, last_event_id)
 
     @app.post("/retrieve", response_model=RetrieveResponse)
     async def retrieve(body: RetrieveBody, request: Request, caller: CallerDep) -> RetrieveResponse:

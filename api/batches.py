@@ -21,6 +21,7 @@ cancels or expires a batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -30,10 +31,13 @@ from aiokafka import AIOKafkaProducer
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from api.auth import Caller
 from api.files import Files
+from api.idempotency import Key
+from api.openai_embeddings import EmbeddingsHandler
 from api.openai_protocol import (
     AssistantMessage,
     BatchCreate,
@@ -46,13 +50,18 @@ from api.openai_protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     UsageInfo,
 )
 from api.openai_serving import OpenAIError, OpenAIHandler, from_validation
 from shared import batch
 from shared import redis as sredis
-from shared.messages import BatchResult, GenerationRequest
+from shared.messages import BatchEmbedding, BatchResult, GenerationRequest
 from shared.settings import Settings
+
+# What a valid line becomes: a generation request for the workers, or an embeddings line
+Line = GenerationRequest | BatchEmbedding
 
 WINDOW_S = 24 * 3600  # completion_window "24h", the only one OpenAI offers
 OPEN = ("validating", "in_progress", "cancelling")
@@ -106,12 +115,14 @@ class Batches:
         producer: AIOKafkaProducer,
         files: Files,
         openai: OpenAIHandler,
+        embeddings: EmbeddingsHandler,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.producer = producer
         self.files = files
         self.openai = openai
+        self.embeddings = embeddings
         self._move = redis.register_script(_MOVE)
         self._record = redis.register_script(_RECORD)
 
@@ -126,7 +137,26 @@ class Batches:
 
     # -- the API's side ----------------------------------------------------------------------
 
-    async def create(self, body: BatchCreate, caller: Caller) -> BatchObject:
+    async def create(
+        self, body: BatchCreate, caller: Caller, key: Key | None = None
+    ) -> BatchObject:
+        """Under an Idempotency-Key already used, the batch it created (api/idempotency.py)."""
+        if key is None:
+            return await self._create(body, caller)
+        keys = self.openai.generate.idempotency
+        held = await keys.claim(key)
+        if held is not None:
+            return await self.get(held.ids[0], caller.tenant)
+        try:
+            batch = await self._create(body, caller)
+        except BaseException:
+            with contextlib.suppress(RedisError):
+                await keys.forget(key)
+            raise
+        await keys.enqueued(key, [batch.id])
+        return batch
+
+    async def _create(self, body: BatchCreate, caller: Caller) -> BatchObject:
         source = await self.files.get(body.input_file_id, caller.tenant)
         if source.purpose != "batch":
             why = f"{source.id} has purpose {source.purpose}, not batch"
@@ -155,11 +185,7 @@ class Batches:
             text = error_line(static.id, line, custom_id, "invalid_request", message)
             await self.record_line(static.id, line, text, failed=True)
         try:
-            signer = None
-            if caller.key_id is not None and caller.signing_secret is not None:
-                signer = (caller.key_id, caller.signing_secret)
-            topic = self.settings.batch_requests_topic
-            await asyncio.gather(*[await batch.send(self.producer, topic, r, signer) for r in good])
+            await self._send(good, caller)
         except Exception as e:  # Kafka: what was sent may run, but the batch is given up
             await self._move(keys=[key], args=["validating", "failed", time.time()])
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -172,11 +198,29 @@ class Batches:
         await self.finish_if_done(static.id)
         return await self.get(static.id, caller.tenant)
 
+    async def _send(self, lines: list[Line], caller: Caller) -> None:
+        """Generation lines to the batch topic, signed as the caller; embeddings lines to the
+        API processes' topic (api/batch_embedder.py)."""
+        signer = None
+        if caller.key_id is not None and caller.signing_secret is not None:
+            signer = (caller.key_id, caller.signing_secret)
+        sent = []
+        for line in lines:
+            if isinstance(line, BatchEmbedding):
+                value = line.model_dump_json().encode()
+                key = f"{line.batch_id}-{line.line}".encode()
+                topic = self.settings.batch_embeddings_topic
+                sent.append(await self.producer.send(topic, value=value, key=key))
+            else:
+                topic = self.settings.batch_requests_topic
+                sent.append(await batch.send(self.producer, topic, line, signer))
+        await asyncio.gather(*sent)
+
     async def _validate(
         self, static: Static, numbered: list[tuple[int, str]]
-    ) -> tuple[list[GenerationRequest], list[tuple[int, str | None, str]]]:
+    ) -> tuple[list[Line], list[tuple[int, str | None, str]]]:
         """The lines' requests, and (line, custom_id, why) of those that cannot be sent."""
-        good: list[GenerationRequest] = []
+        good: list[Line] = []
         bad: list[tuple[int, str | None, str]] = []
         seen: set[str] = set()
         for n, text in numbered:
@@ -186,17 +230,19 @@ class Batches:
                 custom_id = line.get("custom_id") if isinstance(line, dict) else None
                 request = await self._request(static, n, line, seen)
             except OpenAIError as e:
-                bad.append((n, custom_id, e.body.error.message))
+                error = e.body.error  # the message names the param, as the error file has no field
+                named = error.param is None or error.param in error.message
+                bad.append(
+                    (n, custom_id, error.message if named else f"{error.param}: {error.message}")
+                )
             except ValueError as e:  # JSON, or a line's own shape
                 bad.append((n, custom_id, f"line {n + 1}: {e}"))
             else:
-                seen.add(request.correlation or "")
+                seen.add(custom_id or "")
                 good.append(request)
         return good, bad
 
-    async def _request(
-        self, static: Static, n: int, line: Any, seen: set[str]
-    ) -> GenerationRequest:
+    async def _request(self, static: Static, n: int, line: Any, seen: set[str]) -> Line:
         if not isinstance(line, dict) or set(line) - {"custom_id", "method", "url", "body"}:
             raise ValueError('each line is {"custom_id", "method", "url", "body"}')
         custom_id = line.get("custom_id")
@@ -210,6 +256,12 @@ class Batches:
         if not isinstance(body, dict) or body.get("stream"):
             raise ValueError("body: the endpoint's JSON body, without stream")
         try:
+            if static.endpoint == "/v1/embeddings":
+                await self.embeddings.checked(EmbeddingRequest.model_validate(body))
+                return BatchEmbedding(
+                    batch_id=static.id, line=n, custom_id=custom_id, tenant=static.tenant,
+                    body=body,
+                )  # fmt: skip
             if static.endpoint == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
                 validated = await self.openai.chat_message(chat, static.tenant)
@@ -220,6 +272,8 @@ class Batches:
             raise from_validation(RequestValidationError(e.errors())) from e
         except Exception as e:  # the online checks' 4xx (RequestValidationError, HTTPException)
             raise _as_openai(e) from e
+        if (body.get("n") or 1) != 1:
+            raise ValueError("n: one choice per line in batches (a line per choice instead)")
         if validated.message.sampling.logprobs is not None:
             raise ValueError("logprobs: not returned by batches (batch results carry text)")
         return validated.message.model_copy(update={
@@ -370,6 +424,14 @@ def output_line(static: Static, n: int, custom_id: str, result: BatchResult) -> 
     return json.dumps({
         "id": f"batch_req_{rid}", "custom_id": custom_id,
         "response": {"status_code": 200, "request_id": rid, "body": body.model_dump()},
+        "error": None,
+    })  # fmt: skip
+
+
+def embedding_line(rid: str, custom_id: str, response: EmbeddingResponse) -> str:
+    return json.dumps({
+        "id": f"batch_req_{rid}", "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": rid, "body": response.model_dump()},
         "error": None,
     })  # fmt: skip
 

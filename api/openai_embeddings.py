@@ -1,7 +1,8 @@
 """`POST /v1/embeddings`, served in the API process by the embedding model RAG uses.
 
 The API already holds that model for retrieval queries, so embeddings take no trip through
-Kafka: they are short, and no worker has the model loaded. Encoding runs in a thread, one
+Kafka: they are short, and no worker has the model loaded (a batch's embeddings lines do go
+through Kafka, to the API processes: api/batch_embedder.py). Encoding runs in a thread, one
 request at a time (torch already uses the cores it is given), in batches of
 SLUICE_EMBEDDING_BATCH_SIZE. A request counts against its key's limits as one request of its
 input tokens; its encode time is billed to the tenant at SLUICE_API_HOURLY_USD in the ledger, so
@@ -40,27 +41,37 @@ class EmbeddingsHandler:
         self._encoding = asyncio.Lock()
 
     async def create(self, body: EmbeddingRequest, caller: Caller) -> JSONResponse:
-        self._check(body)
-        texts, tokens = await asyncio.to_thread(self._texts, body.inputs())
+        texts, tokens = await self.checked(body)
         await self.limiter.admit(caller, new_request_id(), tokens)
+        response = await self.embed(body, texts, tokens, caller.tenant)
+        headers = {"X-Sluice-Cost-Usd": f"{response.sluice_cost_usd:.10f}"}
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    async def checked(self, body: EmbeddingRequest) -> tuple[list[str], int]:
+        """The texts to encode and their tokens, or an OpenAIError naming the param."""
+        self._check(body)
+        return await asyncio.to_thread(self._texts, body.inputs())
+
+    async def embed(
+        self, body: EmbeddingRequest, texts: list[str], tokens: int, tenant: str
+    ) -> EmbeddingResponse:
+        """Encode and bill `tenant` (a checked body: `checked`)."""
         async with self._encoding:
             started = time.perf_counter()
             vectors = await asyncio.to_thread(self.embedder.embed, texts)
             seconds = time.perf_counter() - started
         dollars = seconds * self.settings.api_hourly_usd / 3600
-        self._bill(caller.tenant, tokens, seconds, dollars)
+        self._bill(tenant, tokens, seconds, dollars)
         data = [
             Embedding(index=i, embedding=_encoded(v, body.encoding_format))
             for i, v in enumerate(vectors)
         ]
-        response = EmbeddingResponse(
+        return EmbeddingResponse(
             data=data,
             model=body.model,
             usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
             sluice_cost_usd=round(dollars, 10),
         )
-        headers = {"X-Sluice-Cost-Usd": f"{dollars:.10f}"}
-        return JSONResponse(response.model_dump(), headers=headers)
 
     def _check(self, body: EmbeddingRequest) -> None:
         if body.model != self.settings.embedding_model:

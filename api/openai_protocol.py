@@ -2,7 +2,7 @@
 
 Schemas only; the handlers are api/openai_serving.py (the split of vLLM's protocol.py and
 serving_*.py). Requests are strict: an unknown field, or a documented one Sluice cannot honour
-(tools, logprobs, penalties, n > 1 ...), is a 400 naming it, never silently ignored. A documented
+(tools, best_of, audio ...), is a 400 naming it, never silently ignored. A documented
 but unsupported field is accepted only with its neutral value, since clients often send defaults.
 """
 
@@ -84,7 +84,8 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = None
+    # Choices; at most SLUICE_MAX_N (checked by the handler: a setting, not the schema)
+    n: int | None = Field(None, ge=1)
     stop: Stop = None
     seed: Seed | None = None
     stream: bool | None = False
@@ -96,13 +97,6 @@ class _Request(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=16)
     # OpenAI's end-user id: accepted, not used (the tenant comes from the API key).
     user: str | None = Field(None, max_length=256)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported: send one request per choice")
-        return n
 
     @field_validator("stream_options")
     @classmethod
@@ -404,7 +398,7 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
-BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions"]
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
     "cancelled",

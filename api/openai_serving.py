@@ -12,11 +12,12 @@ the wire message, and its rate limits apply as on /generate (a 429 here is OpenA
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -31,6 +32,7 @@ from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
 from api.auth import ANONYMOUS, Caller
+from api.idempotency import KEY_REUSED, Key
 from api.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -55,8 +57,8 @@ from api.openai_protocol import (
     UsageInfo,
 )
 from api.schemas import GenerateBody
-from api.serving import SSE_HEADERS, GenerateHandler, HungUp, Validated
-from api.streaming import Event, RequestFailed
+from api.serving import SSE_HEADERS, Build, GenerateHandler, HungUp, Relay, Validated
+from api.streaming import Completion, Event, RequestFailed
 from shared import metrics
 from shared.messages import DoneEvent, Token, TokensEvent
 from shared.redis import live_workers
@@ -103,29 +105,66 @@ class OpenAIHandler:
         self.started = int(time.time())
 
     async def chat(
-        self, body: ChatCompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
-    ) -> Response:
-        request = await self.chat_message(body, caller.tenant)
-        rid = request.message.request_id
-        chunks = ChatChunks(f"chatcmpl-{rid}", body.model, int(time.time()))
-        if body.stream:
-            return await self._stream(request, chunks, body.include_usage(), caller)
-        # RequestFailed: see install_error_handlers
-        whole = await self.generate.collect(request, caller, hung_up)
-        return _json(chunks.response(whole.text, whole.done, whole.logprobs), whole.done)
+        self, body: ChatCompletionRequest, caller: Caller = ANONYMOUS,
+        hung_up: HungUp | None = None, key: Key | None = None,
+    ) -> Response:  # fmt: skip
+        async def first(rid: str) -> Validated:
+            return await self.chat_message(body, caller.tenant, rid)
+
+        relays, _ = await self.generate.relays(caller, key, self._choices(body, first))
+        rid, created = relays[0].request_id, int(time.time())
+        chunks = ChatChunks(f"chatcmpl-{rid}", body.model, created, n=len(relays))
+        return await self._respond(relays, chunks, body, hung_up)
 
     async def completion(
-        self, body: CompletionRequest, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
-    ) -> Response:
-        request = await self.completion_message(body, caller.tenant)
-        rid = request.message.request_id
-        chunks = CompletionChunks(f"cmpl-{rid}", body.model, int(time.time()))
-        if body.stream:
-            return await self._stream(request, chunks, body.include_usage(), caller)
-        whole = await self.generate.collect(request, caller, hung_up)
-        return _json(chunks.response(whole.text, whole.done, whole.logprobs), whole.done)
+        self, body: CompletionRequest, caller: Caller = ANONYMOUS,
+        hung_up: HungUp | None = None, key: Key | None = None,
+    ) -> Response:  # fmt: skip
+        async def first(rid: str) -> Validated:
+            return await self.completion_message(body, caller.tenant, rid)
 
-    async def chat_message(self, body: ChatCompletionRequest, tenant: str) -> Validated:
+        relays, _ = await self.generate.relays(caller, key, self._choices(body, first))
+        rid, created = relays[0].request_id, int(time.time())
+        chunks = CompletionChunks(f"cmpl-{rid}", body.model, created, n=len(relays))
+        return await self._respond(relays, chunks, body, hung_up)
+
+    def _choices(
+        self, body: ChatCompletionRequest | CompletionRequest,
+        first: Callable[[str], Awaitable[Validated]],
+    ) -> Build:  # fmt: skip
+        """`n` choices are `n` requests on Kafka (choice 0 has the response's id, choice i
+        `<id>-<i>`), each with its own seed when one was given: each streams, migrates and is
+        cancelled on its own, as vLLM itself splits `n` into child requests."""
+        n = body.n or 1
+        if n > self.settings.max_n:
+            most = self.settings.max_n
+            raise OpenAIError(400, f"n={n}: at most {most} choices (SLUICE_MAX_N)", "n")
+
+        async def build(rid: str) -> tuple[list[Validated], Any]:
+            one = await first(rid)
+            return [one, *(_choice(one, i) for i in range(1, n))], None
+
+        return build
+
+    async def _respond(
+        self, relays: list[Relay], chunks: Chunks,
+        body: ChatCompletionRequest | CompletionRequest, hung_up: HungUp | None,
+    ) -> Response:  # fmt: skip
+        if body.stream:
+            return self._stream(relays, chunks, body.include_usage())
+        # All choices, or the first failure (RequestFailed: see install_error_handlers).
+        wholes = await asyncio.gather(
+            *(self.generate.collect(r, hung_up) for r in relays), return_exceptions=True
+        )
+        for whole in wholes:
+            if isinstance(whole, BaseException):
+                raise whole
+        done = [w for w in wholes if isinstance(w, Completion)]
+        return _json(chunks.response(done), relays[0].request_id, _cost(w.done for w in done))
+
+    async def chat_message(
+        self, body: ChatCompletionRequest, tenant: str, request_id: str | None = None
+    ) -> Validated:
         """The wire request of a chat body (also a Batch API line's), or a 4xx naming the
         param."""
         self._check_model(body.model)
@@ -135,14 +174,16 @@ class OpenAIHandler:
             prompt["response_format"] = body.response_format
         if body.logprobs_param() is not None:
             prompt["logprobs"] = body.logprobs_param()
-        return await self._to_wire(body, prompt, length_param, max_tokens, tenant)
+        return await self._to_wire(body, prompt, length_param, max_tokens, tenant, request_id)
 
-    async def completion_message(self, body: CompletionRequest, tenant: str) -> Validated:
+    async def completion_message(
+        self, body: CompletionRequest, tenant: str, request_id: str | None = None
+    ) -> Validated:
         self._check_model(body.model)
         prompt: dict[str, Any] = {"prompt": body.prompt_text()}
         if body.logprobs is not None:
             prompt["logprobs"] = body.logprobs
-        return await self._to_wire(body, prompt, "max_tokens", body.max_tokens, tenant)
+        return await self._to_wire(body, prompt, "max_tokens", body.max_tokens, tenant, request_id)
 
     async def models(self) -> ModelList:
         """The served model, always, and any other model a live worker reports (a worker on the
@@ -181,6 +222,7 @@ class OpenAIHandler:
         length_param: str,
         max_tokens: int | None,
         tenant: str,
+        request_id: str | None,
     ) -> Validated:
         """Through /generate's body and checks, so both APIs validate alike."""
         given = {
@@ -200,42 +242,88 @@ class OpenAIHandler:
         except ValidationError as e:
             raise RequestValidationError(_in_body(e.errors())) from e
         try:
-            return await self.generate.to_message(generate, tenant)
+            return await self.generate.to_message(generate, tenant, request_id)
         except RequestValidationError as e:
             raise RequestValidationError(_renamed(e.errors(), "max_tokens", length_param)) from e
 
-    async def _stream(
-        self, request: Validated, chunks: Chunks, include_usage: bool, caller: Caller
+    def _stream(
+        self, relays: list[Relay], chunks: Chunks, include_usage: bool
     ) -> StreamingResponse:
-        relay = await self.generate.submit(request, caller)
-        rid = request.message.request_id
+        ended: set[int] = set()  # choices whose terminal event was relayed
 
         async def frames() -> AsyncIterator[bytes]:
             metrics.OPEN_STREAMS.inc()
-            finished = False
             try:
-                async for frame in sse_chunks(relay.events, chunks, include_usage):
+                async for frame in sse_chunks(merged(relays, ended), chunks, include_usage):
                     yield frame
-                finished = True
             finally:
                 metrics.OPEN_STREAMS.dec()
-                # A client that left before [DONE] cancels the request, as on /generate.
-                self.generate.release(rid, relay, cancel=not finished)
+                # A client that left before [DONE] cancels the choices still running.
+                for i, relay in enumerate(relays):
+                    self.generate.release(relay, finished=i in ended)
 
-        headers = {**SSE_HEADERS, "X-Request-Id": rid}
+        headers = {**SSE_HEADERS, "X-Request-Id": relays[0].request_id}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
+
+
+def _choice(first: Validated, i: int) -> Validated:
+    """Choice i of a request whose choice 0 is `first`."""
+    m = first.message
+    sampling = m.sampling
+    if sampling.seed is not None:  # distinct samples, each reproducible (wrapped to int64)
+        seed = (sampling.seed + i + 2**63) % 2**64 - 2**63
+        sampling = sampling.model_copy(update={"seed": seed})
+    update = {"request_id": f"{m.request_id}-{i}", "sampling": sampling}
+    return first._replace(message=m.model_copy(update=update))
+
+
+Choice = tuple[int, Event | RequestFailed]
+
+
+async def merged(relays: list[Relay], ended: set[int]) -> AsyncIterator[Choice]:
+    """The events of all choices as they come, tagged with the choice's index; a choice's
+    failure (its deadline) is one of them. `ended` collects the choices that finished."""
+    queue: asyncio.Queue[Choice | None] = asyncio.Queue()
+
+    async def pump(i: int, relay: Relay) -> None:
+        try:
+            async for event in relay.events:
+                await queue.put((i, event))
+            ended.add(i)
+        except RequestFailed as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(relays)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # --- Stream events -> OpenAI objects
 
 
-def usage(done: DoneEvent) -> UsageInfo:
-    u = done.usage
+def usage(dones: list[DoneEvent]) -> UsageInfo:
+    """The prompt once (every choice has the same), the completions of all choices."""
+    prompt = dones[0].usage.prompt_tokens if dones else 0
+    completion = sum(d.usage.completion_tokens for d in dones)
     return UsageInfo(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.prompt_tokens + u.completion_tokens,
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def _cost(dones: Iterable[DoneEvent]) -> float | None:
+    costs = [d.cost_usd for d in dones if d.cost_usd is not None]
+    return sum(costs) if costs else None
 
 
 def chat_logprobs(tokens: list[Token]) -> ChatLogprobs | None:
@@ -265,7 +353,9 @@ class Chunks(ABC):
     id: str
     model: str
     created: int
-    chars: int = 0  # of text already in chunks (completions' logprobs count offsets)
+    n: int = 1
+    # Characters of text already in chunks, per choice (completions' logprobs count offsets)
+    chars: dict[int, int] = field(default_factory=dict)
 
     def head(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.model, "created": self.created}
@@ -274,56 +364,68 @@ class Chunks(ABC):
         return ()
 
     @abstractmethod
-    def text(self, text: str, tokens: list[Token]) -> BaseModel: ...
+    def text(self, text: str, tokens: list[Token], index: int) -> BaseModel: ...
 
     @abstractmethod
-    def finish(self, done: DoneEvent) -> BaseModel: ...
+    def finish(self, done: DoneEvent, index: int) -> BaseModel: ...
 
     @abstractmethod
-    def usage(self, done: DoneEvent) -> BaseModel: ...
+    def usage(self, dones: list[DoneEvent]) -> BaseModel: ...
+
+    @abstractmethod
+    def response(self, choices: list[Completion]) -> BaseModel: ...
 
 
 class ChatChunks(Chunks):
     def opening(self) -> Iterable[BaseModel]:
         # OpenAI's first chunk carries the role; clients build the message from it.
         delta = ChatDelta(role="assistant", content="")
-        return [ChatCompletionChunk(**self.head(), choices=[ChatChunkChoice(delta=delta)])]
+        choices = [ChatChunkChoice(index=i, delta=delta) for i in range(self.n)]
+        return [ChatCompletionChunk(**self.head(), choices=choices)]
 
-    def text(self, text: str, tokens: list[Token]) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=ChatDelta(content=text), logprobs=chat_logprobs(tokens))
+    def text(self, text: str, tokens: list[Token], index: int) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(
+            index=index, delta=ChatDelta(content=text), logprobs=chat_logprobs(tokens)
+        )
         return ChatCompletionChunk(**self.head(), choices=[choice])
 
-    def finish(self, done: DoneEvent) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=ChatDelta(), finish_reason=done.finish_reason)
+    def finish(self, done: DoneEvent, index: int) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=done.finish_reason)
         return ChatCompletionChunk(**self.head(), choices=[choice], sluice_cost_usd=done.cost_usd)
 
-    def usage(self, done: DoneEvent) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.head(), choices=[], usage=usage(done))
+    def usage(self, dones: list[DoneEvent]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head(), choices=[], usage=usage(dones))
 
-    def response(self, text: str, done: DoneEvent, tokens: list[Token]) -> ChatCompletionResponse:
-        choice = ChatChoice(
-            message=AssistantMessage(content=text), finish_reason=done.finish_reason,
-            logprobs=chat_logprobs(tokens),
-        )  # fmt: skip
+    def response(self, choices: list[Completion]) -> ChatCompletionResponse:
+        out = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                finish_reason=c.done.finish_reason,
+                logprobs=chat_logprobs(c.logprobs),
+            )
+            for i, c in enumerate(choices)
+        ]
+        dones = [c.done for c in choices]
         return ChatCompletionResponse(
-            **self.head(), choices=[choice], usage=usage(done), sluice_cost_usd=done.cost_usd
+            **self.head(), choices=out, usage=usage(dones), sluice_cost_usd=_cost(dones)
         )
 
 
 class CompletionChunks(Chunks):
-    def text(self, text: str, tokens: list[Token]) -> CompletionChunk:
-        choice = CompletionChoice(text=text, logprobs=self.logprobs(tokens))
+    def text(self, text: str, tokens: list[Token], index: int) -> CompletionChunk:
+        choice = CompletionChoice(index=index, text=text, logprobs=self.logprobs(tokens, index))
         return CompletionChunk(**self.head(), choices=[choice])
 
-    def logprobs(self, tokens: list[Token]) -> CompletionLogprobs | None:
+    def logprobs(self, tokens: list[Token], index: int) -> CompletionLogprobs | None:
         """OpenAI's legacy shape; `text_offset` counts from the completion's start."""
         tokens = [t for t in tokens if t.logprob is not None]
         if not tokens:
             return None
         offsets = []
         for t in tokens:
-            offsets.append(self.chars)
-            self.chars += len(t.token or "")
+            offsets.append(self.chars.get(index, 0))
+            self.chars[index] = offsets[-1] + len(t.token or "")
         return CompletionLogprobs(
             tokens=[t.token or "" for t in tokens],
             token_logprobs=[t.logprob or 0.0 for t in tokens],
@@ -331,55 +433,64 @@ class CompletionChunks(Chunks):
             text_offset=offsets,
         )
 
-    def finish(self, done: DoneEvent) -> CompletionChunk:
-        choice = CompletionChoice(text="", finish_reason=done.finish_reason)
+    def finish(self, done: DoneEvent, index: int) -> CompletionChunk:
+        choice = CompletionChoice(index=index, text="", finish_reason=done.finish_reason)
         return CompletionChunk(**self.head(), choices=[choice], sluice_cost_usd=done.cost_usd)
 
-    def usage(self, done: DoneEvent) -> CompletionChunk:
-        return CompletionChunk(**self.head(), choices=[], usage=usage(done))
+    def usage(self, dones: list[DoneEvent]) -> CompletionChunk:
+        return CompletionChunk(**self.head(), choices=[], usage=usage(dones))
 
-    def response(self, text: str, done: DoneEvent, tokens: list[Token]) -> CompletionResponse:
-        choice = CompletionChoice(
-            text=text, finish_reason=done.finish_reason, logprobs=self.logprobs(tokens)
-        )
+    def response(self, choices: list[Completion]) -> CompletionResponse:
+        out = [
+            CompletionChoice(
+                index=i,
+                text=c.text,
+                finish_reason=c.done.finish_reason,
+                logprobs=self.logprobs(c.logprobs, i),
+            )
+            for i, c in enumerate(choices)
+        ]
+        dones = [c.done for c in choices]
         return CompletionResponse(
-            **self.head(), choices=[choice], usage=usage(done), sluice_cost_usd=done.cost_usd
+            **self.head(), choices=out, usage=usage(dones), sluice_cost_usd=_cost(dones)
         )
 
 
 async def sse_chunks(
-    source: AsyncIterator[Event], chunks: Chunks, include_usage: bool
+    source: AsyncIterator[Choice], chunks: Chunks, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    """`data: {chunk}` frames, a finish chunk, the usage chunk if asked, then `data: [DONE]`.
-    A failure mid-stream is a `data: {"error": ...}` frame, which OpenAI clients raise."""
+    """`data: {chunk}` frames, a finish chunk per choice, the usage chunk if asked, then
+    `data: [DONE]`. A failure mid-stream is a `data: {"error": ...}` frame, which OpenAI
+    clients raise."""
     context = {"include_usage": include_usage}
 
     def frame(obj: BaseModel) -> bytes:
         return b"data: " + obj.model_dump_json(context=context).encode() + b"\n\n"
 
-    try:
-        for chunk in chunks.opening():
-            yield frame(chunk)
-        async for event in source:
-            if isinstance(event, TokensEvent):
-                text = "".join(t.text for t in event.tokens)
-                if text:  # one chunk per coalesced event, however many tokens it holds
-                    yield frame(chunks.text(text, event.tokens))
-            elif isinstance(event, DoneEvent):
-                yield frame(chunks.finish(event))
-                if include_usage:
-                    yield frame(chunks.usage(event))
-            else:  # a refusal is the client's to fix (400); a failure the server's (502)
-                yield frame(OpenAIError(400 if event.rejected else 502, event.message).body)
-    except RequestFailed as e:
-        yield frame(OpenAIError(e.status, e.message).body)
+    dones: list[DoneEvent] = []
+    for chunk in chunks.opening():
+        yield frame(chunk)
+    async for index, event in source:
+        if isinstance(event, TokensEvent):
+            text = "".join(t.text for t in event.tokens)
+            if text:  # one chunk per coalesced event, however many tokens it holds
+                yield frame(chunks.text(text, event.tokens, index))
+        elif isinstance(event, DoneEvent):
+            dones.append(event)
+            yield frame(chunks.finish(event, index))
+        elif isinstance(event, RequestFailed):
+            yield frame(OpenAIError(event.status, event.message).body)
+        else:  # a refusal is the client's to fix (400); a failure the server's (502)
+            yield frame(OpenAIError(400 if event.rejected else 502, event.message).body)
+    if include_usage and dones:
+        yield frame(chunks.usage(dones))
     yield DONE_FRAME
 
 
-def _json(response: BaseModel, done: DoneEvent) -> JSONResponse:
-    headers = {"X-Request-Id": done.request_id}
-    if done.cost_usd is not None:
-        headers["X-Sluice-Cost-Usd"] = f"{done.cost_usd:.6g}"
+def _json(response: BaseModel, request_id: str, cost_usd: float | None) -> JSONResponse:
+    headers = {"X-Request-Id": request_id}
+    if cost_usd is not None:
+        headers["X-Sluice-Cost-Usd"] = f"{cost_usd:.6g}"
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
 
@@ -402,7 +513,7 @@ def from_validation(exc: RequestValidationError) -> OpenAIError:
     error = exc.errors()[0]
     # Union members show up in the location as their type ("str", "list[str]"): not fields.
     loc = [str(p) for p in error["loc"] if str(p) not in _UNION_TAGS and "[" not in str(p)]
-    if loc and loc[0] == "body":
+    if loc and loc[0] in ("body", "header", "query", "path"):
         loc = loc[1:]
     if error["type"] == "json_invalid":
         return OpenAIError(400, "We could not parse the JSON body of your request.")
@@ -413,7 +524,9 @@ def from_validation(exc: RequestValidationError) -> OpenAIError:
         message = f"Unrecognized request argument supplied: {path}"
     else:
         message = f"Invalid value for '{path}': {error['msg'].removeprefix('Value error, ')}"
-    return OpenAIError(400, message, loc[0] if loc else None)
+    # An Idempotency-Key reused with another body is a 422, as on the native API.
+    status = 422 if error["type"] == KEY_REUSED else 400
+    return OpenAIError(status, message, loc[0] if loc else None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 
 from api.auth import ANONYMOUS, Caller
 from api.errors import invalid_field, unavailable
+from api.idempotency import Key
 from api.schemas import (
     GenerateBody,
     RagGenerateBody,
@@ -23,8 +26,8 @@ from api.schemas import (
     RetrieveResponse,
     Source,
 )
-from api.serving import GenerateHandler, HungUp, new_request_id
-from api.streaming import sse
+from api.serving import GenerateHandler, HungUp, Validated, new_request_id, response
+from api.streaming import RequestFailed, sse
 from shared import metrics
 from shared.embeddings import Embedder
 from shared.messages import ChatMessage
@@ -124,27 +127,37 @@ class RagHandler:
         return RetrieveResponse(results=sources(await self.retrieve(body)))
 
     async def answer(
-        self, body: RagGenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
-    ) -> StreamingResponse | RagGenerateResponse:
-        # Counted against the key before retrieval; the generation's admission replaces it.
-        rid = new_request_id()
-        await self.generate.limiter.admit(caller, rid, 0)
-        passages = await asyncio.to_thread(self._fit, body, await self.retrieve(body))
-        request = GenerateBody(
-            messages=self.template.messages(body.query, passages),
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop,
-            seed=body.seed,
-            stream=body.stream,
-        )
-        cited = sources(passages)
+        self, body: RagGenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None,
+        key: Key | None = None, last_event_id: int = -1,
+    ) -> StreamingResponse | RagGenerateResponse:  # fmt: skip
+        async def build(rid: str) -> tuple[list[Validated], Any]:
+            # Counted against the key before retrieval; the generation's admission replaces it.
+            await self.generate.limiter.admit(caller, rid, 0)
+            passages = await asyncio.to_thread(self._fit, body, await self.retrieve(body))
+            request = GenerateBody(
+                messages=self.template.messages(body.query, passages),
+                max_tokens=body.max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stop,
+                seed=body.seed,
+                stream=body.stream,
+            )
+            message = await self.generate.to_message(request, caller.tenant, rid)
+            return [message], [s.model_dump() for s in sources(passages)]
+
+        # Under an Idempotency-Key a retry gets the first request's sources, not new ones.
+        relays, cited = await self.generate.relays(caller, key, build, last_event_id)
         if body.stream:
-            prelude = sse("sources", {"sources": [s.model_dump() for s in cited]})
-            return await self.generate.stream(request, prelude, caller, request_id=rid)
-        response = await self.generate.complete(request, caller, hung_up, request_id=rid)
-        return RagGenerateResponse(**response.model_dump(), sources=cited)
+            return self.generate.sse(relays[0], sse("sources", {"sources": cited}))
+        try:
+            whole = await self.generate.collect(relays[0], hung_up)
+        except RequestFailed as e:
+            raise HTTPException(e.status, e.message) from e
+        return RagGenerateResponse(
+            **response(whole, logprobs=False).model_dump(),
+            sources=[Source.model_validate(c) for c in cited],
+        )
 
     def _fit(self, body: RagGenerateBody, passages: list[Retrieved]) -> list[Retrieved]:
         """Drop the lowest-ranked passages until prompt + max_tokens fits the model's context

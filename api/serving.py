@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from api.auth import ANONYMOUS, Caller, bind
 from api.backpressure import Admission
 from api.errors import invalid_field, unavailable
+from api.idempotency import Idempotency, Key
 from api.ratelimit import RateLimiter
 from api.schemas import GenerateBody, GenerateResponse
 from api.streaming import (
@@ -71,11 +72,19 @@ def _relayed(backlog: list[Event], last_index: int) -> Relayed:
 
 class Relay(NamedTuple):
     """One connection's relay of a request: its queue (ended with `release`), the events read
-    from it, and how many times the stream had been resumed when it opened."""
+    from it, how many times the stream had been resumed when it opened, and whether the request
+    runs on when the client leaves (under an Idempotency-Key, whose retry will attach to it)."""
 
+    request_id: str
     queue: asyncio.Queue[Event]
     events: AsyncIterator[Event]
     generation: int = 0
+    keep: bool = False
+
+
+# Builds the wire messages of a request with a given id: one per choice (`n` on /v1), and what
+# its response holds beside the completion (RAG's sources), kept for Idempotency-Key retries.
+Build = Callable[[str], Awaitable[tuple[list[Validated], Any]]]
 
 
 def new_request_id() -> str:
@@ -102,6 +111,7 @@ class GenerateHandler:
         self.hub = hub
         self.admission = Admission(settings, hub)
         self.limiter = RateLimiter(hub.redis, settings)
+        self.idempotency = Idempotency(hub.redis, settings)
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def to_message(
@@ -186,7 +196,64 @@ class GenerateHandler:
         self.tracer.hop(rid, tracing.KAFKA_PRODUCED, partition=sent.partition, offset=sent.offset)
         return queue
 
-    async def submit(self, request: Validated, caller: Caller = ANONYMOUS) -> Relay:
+    async def relays(
+        self, caller: Caller, key: Key | None, build: Build, last_event_id: int = -1
+    ) -> tuple[list[Relay], Any]:
+        """The relays of a request's choices, enqueued from `build`'s messages; or, under an
+        Idempotency-Key already used, of the request(s) it names (api/idempotency.py), replayed
+        after `last_event_id`. Failures raise here, before any response starts."""
+        if key is None:
+            requests, extra = await build(new_request_id())
+            return await self._submit_all(requests, caller), extra
+        held = await self.idempotency.claim(key)
+        if held is not None:
+            return await self._attach_all(held.ids, held.deadline, last_event_id), held.extra
+        try:
+            requests, extra = await build(new_request_id())
+            window = {"retain_s": self.idempotency.window_s}
+            kept = [r._replace(message=r.message.model_copy(update=window)) for r in requests]
+            relays = await self._submit_all(kept, caller, keep=True)
+        except BaseException:
+            with contextlib.suppress(RedisError):
+                await self.idempotency.forget(key)
+            raise
+        ids = [r.request_id for r in relays]
+        try:
+            await self.idempotency.enqueued(key, ids, requests[0].message.deadline, extra)
+        except RedisError as e:  # this answer still comes; a retry would wait, then get a 409
+            log.warning("could not record Idempotency-Key of %s: %s", ids[0], e)
+        return relays, extra
+
+    async def _submit_all(
+        self, requests: list[Validated], caller: Caller, keep: bool = False
+    ) -> list[Relay]:
+        """All or none: a choice that cannot be enqueued cancels those that were."""
+        relays: list[Relay] = []
+        try:
+            for request in requests:
+                relays.append(await self.submit(request, caller, keep))
+        except BaseException:
+            for relay in relays:
+                self.release(relay._replace(keep=False), finished=False)
+            raise
+        return relays
+
+    async def _attach_all(
+        self, ids: list[str], deadline: float | None, last_event_id: int
+    ) -> list[Relay]:
+        relays: list[Relay] = []
+        try:
+            for rid in ids:
+                relays.append(await self.attach(rid, deadline, last_event_id))
+        except BaseException:
+            for relay in relays:
+                self.release(relay, finished=False)  # kept: their requests run on
+            raise
+        return relays
+
+    async def submit(
+        self, request: Validated, caller: Caller = ANONYMOUS, keep: bool = False
+    ) -> Relay:
         """Enqueue the request; its events up to the terminal one. Enqueue failures raise here,
         before any response starts. The caller ends with `release`."""
         clock = Clock(time.monotonic())
@@ -201,7 +268,8 @@ class GenerateHandler:
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at
         mark = functools.partial(self.tracer.hop, message.request_id)
-        return Relay(queue, events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark))
+        source = events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark)
+        return Relay(message.request_id, queue, source, keep=keep)
 
     async def close(self, request_id: str, queue: asyncio.Queue[Event]) -> int:
         """End one connection's relay; returns how many others of this process still relay it.
@@ -232,18 +300,20 @@ class GenerateHandler:
             self.admission.release(rid)
             raise unavailable("could not record the request (Redis unavailable)", e) from e
 
+    def one(self, body: GenerateBody, tenant: str) -> Build:
+        async def build(request_id: str) -> tuple[list[Validated], Any]:
+            return [await self.to_message(body, tenant, request_id)], None
+
+        return build
+
     async def stream(
-        self,
-        body: GenerateBody,
-        prelude: bytes = b"",
-        caller: Caller = ANONYMOUS,
-        request_id: str | None = None,
-    ) -> StreamingResponse:
-        """SSE of the completion; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first.
-        A client that goes away before the end cancels the request."""
-        request = await self.to_message(body, caller.tenant, request_id)
-        relay = await self.submit(request, caller)
-        return self._sse(request.message.request_id, relay, prelude)
+        self, body: GenerateBody, caller: Caller = ANONYMOUS, key: Key | None = None,
+        last_event_id: int = -1,
+    ) -> StreamingResponse:  # fmt: skip
+        """SSE of the completion. A client that goes away before the end cancels the request
+        (unless it came with an Idempotency-Key)."""
+        relays, _ = await self.relays(caller, key, self.one(body, caller.tenant), last_event_id)
+        return self.sse(relays[0])
 
     async def resume(self, request_id: str, last_event_id: int) -> StreamingResponse:
         """The rest of a request's stream after token `last_event_id`, from its Redis stream and
@@ -260,15 +330,35 @@ class GenerateHandler:
         if backlog is None:
             await self.close(request_id, queue)
             raise HTTPException(404, f"no stream for request {request_id} (unknown or expired)")
+        source = self._replay(queue, backlog, last_event_id, self.settings.request_timeout_s)
+        return self.sse(Relay(request_id, queue, source, generation))
+
+    async def attach(self, request_id: str, deadline: float | None, last_event_id: int) -> Relay:
+        """Relay a request someone else submitted (an Idempotency-Key's): what it published so
+        far, then live. It may still wait in Kafka with nothing published; it ends by its
+        deadline. Nothing published and the deadline long past: the result is gone."""
+        queue = await self.hub.open(request_id)
+        try:
+            backlog = await self.hub.backlog(request_id)
+        except Exception:
+            await self.close(request_id, queue)
+            raise
+        left = (deadline or time.time()) - time.time()
+        if backlog is None and left < -DEADLINE_GRACE_S:
+            await self.close(request_id, queue)
+            raise HTTPException(404, f"the result of request {request_id} is no longer kept")
+        source = self._replay(queue, backlog or [], last_event_id, left + DEADLINE_GRACE_S)
+        return Relay(request_id, queue, source, keep=True)
+
+    def _replay(
+        self, queue: asyncio.Queue[Event], backlog: list[Event], last_event_id: int, timeout: float
+    ) -> AsyncIterator[Event]:
         live = [queue.get_nowait() for _ in range(queue.qsize())]
         for event in [*backlog, *live]:  # in publication order; `events` drops repeats
             queue.put_nowait(event)
         clock = Clock(time.monotonic())
         clock.first_token = clock.accepted  # not a new request: no TTFT sample
-        source = events(
-            queue, clock, self.settings.request_timeout_s, _relayed(backlog, last_event_id)
-        )
-        return self._sse(request_id, Relay(queue, source, generation))
+        return events(queue, clock, max(timeout, 1.0), _relayed(backlog, last_event_id))
 
     async def _resumed(self, request_id: str) -> int:
         pipe = self.hub.redis.pipeline(transaction=True)
@@ -280,7 +370,10 @@ class GenerateHandler:
     async def cancel(self, request_id: str) -> None:
         await sredis.cancel(self.hub.redis, self.settings, request_id, "cancelled")
 
-    def _sse(self, rid: str, relay: Relay, prelude: bytes = b"") -> StreamingResponse:
+    def sse(self, relay: Relay, prelude: bytes = b"") -> StreamingResponse:
+        """SSE of one relay; `prelude` (whole SSE events, e.g. RAG's `sources`) goes first."""
+        rid = relay.request_id
+
         async def frames() -> AsyncIterator[bytes]:
             finished = written = False
             try:
@@ -293,17 +386,18 @@ class GenerateHandler:
                         self.tracer.hop(rid, tracing.SSE_FIRST_WRITE)
                 finished = True
             finally:
-                self.release(rid, relay, cancel=not finished)
+                self.release(relay, finished)
 
         headers = {**SSE_HEADERS, "X-Request-Id": rid}
         return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
 
-    def release(self, rid: str, relay: Relay, cancel: bool) -> None:
+    def release(self, relay: Relay, finished: bool) -> None:
         """End a connection's relay and, if its client left before the end, cancel the request,
-        unless another connection (a resumed stream) relays it now. Its own task: this runs
-        from a response generator's `finally`, which may be inside the response's cancelled
-        scope."""
-        task = asyncio.create_task(self._cleanup(rid, relay, cancel))
+        unless the request is kept (Idempotency-Key) or another connection (a resumed stream)
+        relays it now. Its own task: this runs from a response generator's `finally`, which may
+        be inside the response's cancelled scope."""
+        cancel = not finished and not relay.keep
+        task = asyncio.create_task(self._cleanup(relay.request_id, relay, cancel))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -320,13 +414,10 @@ class GenerateHandler:
         except Exception as e:  # the deadline still stops it
             log.warning("could not cancel %s after its client left: %s", rid, e)
 
-    async def collect(
-        self, request: Validated, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None
-    ) -> Completion:
-        """Enqueue the request and wait for its whole completion (`stream: false`). A client
-        that hangs up first cancels it, as for a stream: nobody would read the answer."""
-        rid = request.message.request_id
-        relay = await self.submit(request, caller)
+    async def collect(self, relay: Relay, hung_up: HungUp | None = None) -> Completion:
+        """The relay's whole completion (`stream: false`). A client that hangs up first cancels
+        the request, as for a stream: nobody would read the answer. RequestFailed: an error
+        event or the deadline."""
         whole = asyncio.ensure_future(collect(relay.events))
         ended = False
         try:
@@ -335,30 +426,31 @@ class GenerateHandler:
                 if hung_up is not None and await hung_up():
                     raise HTTPException(499, "the client closed the connection")
             ended = True
-            return whole.result()  # RequestFailed: an error event or the deadline
+            return whole.result()
         finally:
             whole.cancel()
-            self.release(rid, relay, cancel=not ended)
+            self.release(relay, finished=ended)
 
     async def complete(
-        self,
-        body: GenerateBody,
-        caller: Caller = ANONYMOUS,
-        hung_up: HungUp | None = None,
-        request_id: str | None = None,
-    ) -> GenerateResponse:
-        request = await self.to_message(body, caller.tenant, request_id)
+        self, body: GenerateBody, caller: Caller = ANONYMOUS, hung_up: HungUp | None = None,
+        key: Key | None = None,
+    ) -> GenerateResponse:  # fmt: skip
+        relays, _ = await self.relays(caller, key, self.one(body, caller.tenant))
         try:
-            whole = await self.collect(request, caller, hung_up)
+            whole = await self.collect(relays[0], hung_up)
         except RequestFailed as e:
             raise HTTPException(e.status, e.message) from e
-        done = whole.done
-        return GenerateResponse(
-            request_id=done.request_id,
-            text=whole.text,
-            finish_reason=done.finish_reason,
-            usage=done.usage,
-            timings=done.timings,
-            cost_usd=done.cost_usd,
-            logprobs=whole.logprobs if request.message.sampling.logprobs is not None else None,
-        )
+        return response(whole, logprobs=body.logprobs is not None)
+
+
+def response(whole: Completion, logprobs: bool) -> GenerateResponse:
+    done = whole.done
+    return GenerateResponse(
+        request_id=done.request_id,
+        text=whole.text,
+        finish_reason=done.finish_reason,
+        usage=done.usage,
+        timings=done.timings,
+        cost_usd=done.cost_usd,
+        logprobs=whole.logprobs if logprobs else None,
+    )

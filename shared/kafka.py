@@ -124,6 +124,7 @@ def _topics(settings: Settings) -> dict[str, int]:
         settings.batch_requests_topic: settings.requests_partitions,
         settings.batch_results_topic: settings.requests_partitions,
         settings.batch_dlq_topic: 1,
+        settings.batch_embeddings_topic: settings.requests_partitions,
         settings.ingest_topic: settings.ingest_partitions,
         settings.ingest_dlq_topic: 1,
     }

@@ -7,13 +7,14 @@
 - `Cancel`: published on the Redis cancel channel; the worker holding the request aborts it.
 - `BatchResult`: what a worker writes to `sluice.batch.results` for a request that came from
   `sluice.batch.requests` (keyed by request id).
+- `BatchEmbedding`: an embeddings line of a Batch API batch, on `sluice.batch.embeddings`.
 
 How the wire evolves (docs/ARCHITECTURE.md, "Evolving the wire"), so that a rolling update
 never has an old reader dead-letter a new writer's message:
 - Within a version every added field is optional, with a default that keeps the old meaning.
 - Readers ignore fields they do not know, at every level: an informational addition passes
   old readers unchanged, whichever side is upgraded first.
-- A field that changes what the answer must be (structured output, penalties, n > 1) is
+- A field that changes what the answer must be (structured output, penalties, logprobs) is
   sent together with its feature's name in `requires`; a reader that does not know a
   required feature refuses the message naming it (the worker dead-letters it and the client
   gets an error) instead of silently answering something else. Upgrade readers (workers)
@@ -176,6 +177,10 @@ class GenerationRequest(PromptInput):
     correlation: str | None = Field(None, max_length=256)
     # Features this request needs its worker to honour (KNOWN_FEATURES); see the module doc.
     requires: list[str] = Field(default_factory=list)
+    # Keep the request's events this long after it ends (an Idempotency-Key's window: a retry
+    # replays them). None: as long as a resume needs them. A worker that predates the field
+    # keeps them that long only, and a late retry then finds no result (404), never a rerun.
+    retain_s: int | None = Field(None, ge=0, le=7 * 86400)
 
     @field_validator("requires")
     @classmethod
@@ -279,6 +284,19 @@ class BatchResult(_Wire):
     cost_usd: float | None = None
     error: str | None = None
     finished_at: float
+
+
+class BatchEmbedding(_Wire):
+    """One `/v1/embeddings` line of a Batch API batch, on `sluice.batch.embeddings` (keyed
+    `<batch id>-<line>`): the API validated `body` (an OpenAI embeddings body) at creation;
+    the API process that reads it embeds it and records the line (api/batch_embedder.py)."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    batch_id: str = Field(..., min_length=1, max_length=128)
+    line: int = Field(..., ge=0)
+    custom_id: str = Field(..., min_length=1, max_length=256)
+    tenant: str = Field(..., max_length=128)
+    body: dict[str, Any]
 
 
 class Heartbeat(_Wire):

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_batch_lines: int = Field(50_000, ge=1)
     # Every API process runs a collector in this group: each batch result is recorded once.
     batch_collector_group: str = "sluice-batch-collector"
+    # Embeddings lines of Batch API batches: API processes (they hold the embedding model)
+    # consume them in this group (api/batch_embedder.py)
+    batch_embeddings_topic: str = "sluice.batch.embeddings"
+    batch_embedder_group: str = "sluice-batch-embedder"
 
     # Model and limits shared by the API (validation) and the workers (engine)
     model: str = DEFAULT_MODEL
@@ -204,6 +208,11 @@ class Settings(BaseSettings):
     # Largest request body; POST /documents may carry SLUICE_MAX_DOCUMENT_BYTES on top of it
     max_body_bytes: int = Field(2**20, ge=1024)
     max_messages: int = Field(256, ge=1)
+    # `n` on /v1: most choices one request may ask for (each is a request of its own on Kafka)
+    max_n: int = Field(4, ge=1, le=64)
+    # Idempotency-Key (api/idempotency.py): how long a key, and the result of its request, is
+    # kept; a retry within it attaches to the request instead of enqueuing it again
+    idempotency_s: int = Field(3600, ge=60, le=7 * 86400)
     # Backpressure (api/backpressure.py): beyond these, 429 with Retry-After
     max_queued_per_worker: int = Field(128, ge=1)  # requests waiting in Kafka per live worker
     max_open_requests: int = Field(2048, ge=1)  # per API process: bounds its memory
@@ -240,6 +249,9 @@ class Settings(BaseSettings):
     def cancelled_key(self, request_id: str) -> str:
         """Set on cancel, so that a request still queued in Kafka is dropped at pick-up."""
         return f"{self.redis_prefix}:cancelled:{request_id}"
+
+    def idempotency_key(self, tenant: str, key_digest: str) -> str:
+        return f"{self.redis_prefix}:idem:{tenant}:{key_digest}"
 
     def stream_channel(self, request_id: str) -> str:
         return f"{self.redis_prefix}:stream:{request_id}"

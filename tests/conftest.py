@@ -79,6 +79,8 @@ def make_settings(services: Services, **overrides: object) -> Settings:
         "batch_results_topic": f"sluice.batch.results.{tag}",
         "batch_consumer_group": f"sluice-batch-workers-{tag}",
         "batch_collector_group": f"sluice-batch-collector-{tag}",
+        "batch_embeddings_topic": f"sluice.batch.embeddings.{tag}",
+        "batch_embedder_group": f"sluice-batch-embedder-{tag}",
         "files_dir": Path(tempfile.gettempdir()) / f"sluice-test-files-{tag}",
         "requests_partitions": 4,
         "worker_metrics_port": 0,

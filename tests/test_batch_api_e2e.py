@@ -73,13 +73,17 @@ def test_a_batch_of_200_lines_two_invalid_completes_through_the_openai_client(
     assert client.files.retrieve(file_id).filename == "jobs.jsonl"
     assert file_id in {f.id for f in client.files.list(purpose="batch").data}
 
-    batch = client.batches.create(
+    create = dict(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
-        metadata={"run": "test"},
+        metadata={"run": "test"}, extra_headers={"Idempotency-Key": f"jobs-{file_id}"},
     )  # fmt: skip
+    batch = client.batches.create(**create)  # type: ignore[arg-type]
     assert batch.status in ("in_progress", "finalizing", "completed") and batch.metadata == {
         "run": "test"
     }
+    # A retry of the create (a timeout on the client's side, say) is the same batch, not a
+    # second run of its 200 lines.
+    assert client.batches.create(**create).id == batch.id  # type: ignore[arg-type]
     batch = wait(client, batch.id, {"completed", "failed", "expired", "cancelled"})
     assert batch.status == "completed", batch
     counts = batch.request_counts
@@ -100,6 +104,35 @@ def test_a_batch_of_200_lines_two_invalid_completes_through_the_openai_client(
     assert body["choices"][0]["message"]["content"] == online.choices[0].message.content
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] > 0
     assert batch.id in {b.id for b in client.batches.list(limit=100).data}
+
+
+def test_an_embeddings_batch_answers_what_the_online_endpoint_answers(
+    client: openai.OpenAI, stack: LocalStack, tmp_path: Path
+) -> None:
+    model = stack.settings.embedding_model
+    texts = [f"A sentence about tide number {i}." for i in range(30)]
+    lines = [
+        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": model, "input": [text], "encoding_format": "float"}}
+        for i, text in enumerate(texts)
+    ]  # fmt: skip
+    lines[7]["body"]["dimensions"] = 7  # the model makes 384: this line is refused
+    batch = client.batches.create(
+        input_file_id=upload(client, tmp_path / "embed.jsonl", lines), endpoint="/v1/embeddings",
+        completion_window="24h",
+    )  # fmt: skip
+    batch = wait(client, batch.id, {"completed", "failed", "expired", "cancelled"}, 300)
+    assert batch.status == "completed", batch
+    counts = batch.request_counts
+    assert counts is not None and (counts.total, counts.completed, counts.failed) == (30, 29, 1)
+    [refused] = jsonl(client, batch.error_file_id)
+    assert refused["custom_id"] == "e7" and "dimensions" in refused["error"]["message"]
+    output = {o["custom_id"]: o["response"]["body"] for o in jsonl(client, batch.output_file_id)}
+    assert sorted(output) == sorted(f"e{i}" for i in range(30) if i != 7)
+    online = client.embeddings.create(model=model, input=texts[3], encoding_format="float")
+    vector = output["e3"]["data"][0]["embedding"]
+    assert len(vector) == 384 and output["e3"]["usage"]["prompt_tokens"] > 0
+    assert max(abs(a - b) for a, b in zip(vector, online.data[0].embedding, strict=True)) < 1e-4
 
 
 def test_a_cancelled_batch_stops_its_queued_lines(
@@ -148,8 +181,9 @@ def test_unknown_files_and_batches_are_404s_and_bad_batches_400s(
         )  # fmt: skip
     with pytest.raises(openai.BadRequestError) as err:
         client.batches.create(
-            input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h"
-        )
+            input_file_id="file-x", endpoint="/v1/responses",  # type: ignore[arg-type]
+            completion_window="24h",
+        )  # fmt: skip
     assert err.value.param == "endpoint"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -178,7 +212,7 @@ async def test_a_line_redelivered_is_answered_once(services: Services, tmp_path:
     settings = make_settings(services)
     redis = AsyncRedis.from_url(settings.redis)
     files = Files(settings, redis, DirectoryStore(tmp_path))
-    batches = Batches(settings, redis, None, files, None)  # type: ignore[arg-type]
+    batches = Batches(settings, redis, None, files, None, None)  # type: ignore[arg-type]
     static = Static(
         id="batch_redelivered", tenant="t", endpoint="/v1/completions", model="m",
         input_file_id="file-x", created_at=0, expires_at=2**31, total=2,

@@ -29,7 +29,7 @@ def test_request_round_trips_with_its_version() -> None:
         request(v=2),
         request(prompt=None),
         request(messages=[]),
-        request(requires=["n"]),  # a feature this code does not have yet (n > 1)
+        request(requires=["tools"]),  # a feature this code does not have (tool calls)
         request(sampling={"max_tokens": 0}),
         request(request_id=""),
     ],

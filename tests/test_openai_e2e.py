@@ -312,7 +312,8 @@ async def test_generate_takes_response_format_too(stack: LocalStack) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 5}, "n"),  # above SLUICE_MAX_N (4)
+        ({"n": 0}, "n"),
         (
             {
                 "response_format": {
@@ -328,7 +329,7 @@ async def test_generate_takes_response_format_too(stack: LocalStack) -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
-        ({"n": 2, "stream": True}, "n"),
+        ({"n": 5, "stream": True}, "n"),
     ],
 )
 def test_bad_requests_are_openai_400s_naming_the_param(
@@ -349,5 +350,44 @@ def test_unknown_model_is_an_openai_404_and_generate_keeps_its_shape(
     assert err.value.code == "model_not_found" and err.value.param == "model"
     assert "gpt-4o" in err.value.message
     # The /v1 error handlers leave the native API's 422 shape alone.
-    r = httpx.post(f"{stack.url}/generate", json={"prompt": "hi", "n": 2}, timeout=30)
+    r = httpx.post(f"{stack.url}/generate", json={"prompt": "hi", "n": 2}, timeout=30)  # /v1 only
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "n"]
+
+
+def test_n_choices_streamed_or_not(client: openai.OpenAI, model: str) -> None:
+    one = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
+    greedy = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=8, temperature=0, n=2
+    )
+    assert [c.index for c in greedy.choices] == [0, 1]
+    # Greedy choices are the same text, each the single request's; the prompt counts once.
+    assert {c.message.content for c in greedy.choices} == {one.choices[0].message.content}
+    assert one.usage is not None and greedy.usage is not None
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens
+    assert greedy.usage.completion_tokens == 2 * one.usage.completion_tokens
+
+    # Sampled with a seed: each choice its own seed (seed + index), so they differ.
+    ask = dict(model=model, messages=CHAT, max_tokens=12, temperature=1.0, seed=11, n=3)
+    sampled = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    texts = [c.message.content for c in sampled.choices]
+    assert len(set(texts)) > 1 and all(texts)
+    chunks = list(
+        client.chat.completions.create(  # type: ignore[call-overload]
+            **ask, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    streamed, finished = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+    assert all(streamed) and all(finished)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens == one.usage.prompt_tokens
+
+    completions = client.completions.create(
+        model=model, prompt="The sky is", max_tokens=6, temperature=1.0, seed=3, n=2, logprobs=1
+    )
+    assert [c.index for c in completions.choices] == [0, 1]
+    for choice in completions.choices:  # each choice's offsets count from its own start
+        assert choice.logprobs is not None and choice.logprobs.text_offset[0] == 0

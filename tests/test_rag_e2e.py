@@ -106,6 +106,14 @@ async def test_rag_generate_streams_sources_then_tokens(
     # The passage went into the prompt: far more prompt tokens than the question alone.
     assert answer["usage"]["prompt_tokens"] > 60
 
+    # Under an Idempotency-Key a retry gets the first answer and its sources, not a new run.
+    keyed = {"Idempotency-Key": "rag-lamp", "content-type": "application/json"}
+    once = await client.post("/rag-generate", json={**body, "stream": False}, headers=keyed)
+    again = await client.post("/rag-generate", json={**body, "stream": False}, headers=keyed)
+    assert once.status_code == again.status_code == 200, again.text
+    assert again.json()["request_id"] == once.json()["request_id"] != answer["request_id"]
+    assert again.json()["sources"] == once.json()["sources"] == answer["sources"]
+
 
 async def test_upload_resend_and_delete(client: httpx.AsyncClient, indexed: None) -> None:
     md = b"# Tide tables\n\nHigh tide at Skerry Point is at 04:12 on the first of May.\n"

@@ -85,12 +85,12 @@ async def test_a_resumed_stream_survives_the_connection_it_replaced(services: Se
         assert await next_text(resumed) == "a"  # its backlog
         # The first connection ends without its client: nothing is cancelled, and the resumed
         # one still gets what is published.
-        await handler._cleanup(rid, Relay(first, no_events([])), cancel=True)
+        await handler._cleanup(rid, Relay(rid, first, no_events([])), cancel=True)
         await publish("b")
         assert await next_text(resumed) == "b"
         assert not await sredis.is_cancelled(redis, settings, rid)
         # The resumed connection's client goes away too: now the request is cancelled.
-        await handler._cleanup(rid, Relay(resumed, no_events([]), generation=1), cancel=True)
+        await handler._cleanup(rid, Relay(rid, resumed, no_events([]), generation=1), cancel=True)
         assert await sredis.is_cancelled(redis, settings, rid)
         assert hub.open_count() == 0
     finally:

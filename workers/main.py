@@ -454,7 +454,8 @@ class Worker:
                 claim.offset,
             )  # fmt: skip
 
-        return StreamSink(self.publisher, rid, claim.epoch, dead_letter, claim.chars)
+        retain = claim.request.retain_s or 0
+        return StreamSink(self.publisher, rid, claim.epoch, dead_letter, claim.chars, retain)
 
     async def _refused(self, running: Running) -> StopReason | None:
         """Why a request must not start: nobody waits for it any more."""

@@ -44,6 +44,7 @@ class _Pending:
     chars: int = 0  # characters published once these are out
     seconds: float = 0.0  # engine seconds spent since the last flush
     terminal: DoneEvent | ErrorEvent | None = None
+    ttl: int = 0  # of the request's events once published; 0: the publisher's own
     published: asyncio.Future[bool] | None = None
 
 
@@ -88,12 +89,16 @@ class Publisher:
         if self._interval == 0 or (tokens and tokens[0].index == 0):
             self._urgent.set()
 
-    async def finish(self, request_id: str, epoch: int, event: DoneEvent | ErrorEvent) -> bool:
+    async def finish(
+        self, request_id: str, epoch: int, event: DoneEvent | ErrorEvent, retain_s: int = 0
+    ) -> bool:
         """Queue the terminal event and wait until it (and every token before it) is in Redis:
         only then may the worker count the request as done and commit its offset. False: the
-        request had been taken over (fenced), nothing was published."""
+        request had been taken over (fenced), nothing was published. `retain_s`: keep the
+        events at least this long from now (GenerationRequest.retain_s)."""
         pending = self._pending.setdefault(request_id, _Pending(epoch))
         pending.terminal = event
+        pending.ttl = max(self._ttl, retain_s)
         pending.published = asyncio.get_running_loop().create_future()
         self._has_data.set()
         self._urgent.set()
@@ -136,7 +141,7 @@ class Publisher:
             if p.terminal is not None:
                 events.append(p.terminal.model_dump_json())
             args = publish_args(
-                request_id, p.epoch, self._settings.stream_channel(request_id), self._ttl,
+                request_id, p.epoch, self._settings.stream_channel(request_id), p.ttl or self._ttl,
                 self._maxlen, p.chars, p.seconds, p.terminal is not None, p.first_index, events,
                 p.ids,
             )  # fmt: skip
@@ -188,6 +193,7 @@ class Publisher:
             p.chars = newer.chars
             p.seconds += newer.seconds
             p.terminal = newer.terminal or p.terminal
+            p.ttl = max(p.ttl, newer.ttl)
             p.published = newer.published or p.published
         self._pending[request_id] = p
         self._has_data.set()

@@ -89,12 +89,17 @@ class StreamSink:
         epoch: int,
         dead_letter: Callable[[str], Awaitable[None]],
         chars: int = 0,
+        retain_s: int = 0,
     ) -> None:
         self._publisher = publisher
         self._rid = request_id
         self._epoch = epoch
         self._dead_letter = dead_letter
         self._chars = chars  # of text published so far: a token's offset
+        self._retain_s = retain_s
+
+    async def _finish(self, event: DoneEvent | ErrorEvent) -> bool:
+        return await self._publisher.finish(self._rid, self._epoch, event, self._retain_s)
 
     def tokens(
         self, start: int, text: str, ids: tuple[int, ...], seconds: float,
@@ -105,16 +110,16 @@ class StreamSink:
         self._publisher.tokens(self._rid, self._epoch, tokens, list(ids), self._chars, seconds)
 
     async def done(self, event: DoneEvent) -> bool:
-        return await self._publisher.finish(self._rid, self._epoch, event)
+        return await self._finish(event)
 
     async def rejected(self, message: str) -> bool:
         await self._dead_letter(f"rejected by engine: {message}")
-        event = ErrorEvent(request_id=self._rid, message=message, rejected=True)
-        return await self._publisher.finish(self._rid, self._epoch, event)
+        return await self._finish(ErrorEvent(request_id=self._rid, message=message, rejected=True))
 
     async def failed(self, message: str) -> bool:
-        event = ErrorEvent(request_id=self._rid, message=f"engine error: {message}")
-        return await self._publisher.finish(self._rid, self._epoch, event)
+        return await self._finish(
+            ErrorEvent(request_id=self._rid, message=f"engine error: {message}")
+        )
 
 
 class ResultTopics:

@@ -30,6 +30,7 @@ create "${SLUICE_REQUESTS_TOPIC:-sluice.requests}.dlq" 1
 create "${SLUICE_BATCH_REQUESTS_TOPIC:-sluice.batch.requests}" "${SLUICE_REQUESTS_PARTITIONS:-8}"
 create "${SLUICE_BATCH_RESULTS_TOPIC:-sluice.batch.results}" "${SLUICE_REQUESTS_PARTITIONS:-8}"
 create "${SLUICE_BATCH_REQUESTS_TOPIC:-sluice.batch.requests}.dlq" 1
+create "${SLUICE_BATCH_EMBEDDINGS_TOPIC:-sluice.batch.embeddings}" "${SLUICE_REQUESTS_PARTITIONS:-8}"
 # Documents up to SLUICE_MAX_DOCUMENT_BYTES (5 MiB) plus their JSON envelope.
 create "${SLUICE_INGEST_TOPIC:-sluice.ingest}" "${SLUICE_INGEST_PARTITIONS:-4}" \
     --config max.message.bytes=8388608
