@@ -599,6 +599,9 @@ def test_kafka_users_may_do_only_what_their_service_does() -> None:
         ("topic", d.requests_topic, "Write"), ("topic", d.ingest_topic, "Write"), describe,
         ("topic", d.batch_requests_topic, "Write"), ("topic", d.batch_results_topic + "*", "Read"),
         ("group", d.batch_collector_group, "Read"),
+        # Batch API embeddings lines: written, read and dead-lettered by the API alone
+        ("topic", d.batch_embeddings_topic, "Write"), ("topic", d.batch_embeddings_topic, "Read"),
+        ("group", d.batch_embedder_group, "Read"), ("topic", d.batch_dlq_topic, "Write"),
     }  # fmt: skip
     assert users["sluice-worker"] == {
         ("topic", d.requests_topic, "Read"), ("topic", d.batch_requests_topic, "Read"),
