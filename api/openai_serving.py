@@ -111,9 +111,8 @@ class OpenAIHandler:
         async def first(rid: str) -> Validated:
             return await self.chat_message(body, caller.tenant, rid)
 
-        relays, _ = await self.generate.relays(caller, key, self._choices(body, first))
-        rid, created = relays[0].request_id, int(time.time())
-        chunks = ChatChunks(f"chatcmpl-{rid}", body.model, created, n=len(relays))
+        relays = await self._relays(body, caller, key, first)
+        chunks = ChatChunks(f"chatcmpl-{relays[0].request_id}", body.model, n=len(relays))
         return await self._respond(relays, chunks, body, hung_up)
 
     async def completion(
@@ -123,10 +122,16 @@ class OpenAIHandler:
         async def first(rid: str) -> Validated:
             return await self.completion_message(body, caller.tenant, rid)
 
-        relays, _ = await self.generate.relays(caller, key, self._choices(body, first))
-        rid, created = relays[0].request_id, int(time.time())
-        chunks = CompletionChunks(f"cmpl-{rid}", body.model, created, n=len(relays))
+        relays = await self._relays(body, caller, key, first)
+        chunks = CompletionChunks(f"cmpl-{relays[0].request_id}", body.model, n=len(relays))
         return await self._respond(relays, chunks, body, hung_up)
+
+    async def _relays(
+        self, body: ChatCompletionRequest | CompletionRequest, caller: Caller, key: Key | None,
+        first: Callable[[str], Awaitable[Validated]],
+    ) -> list[Relay]:  # fmt: skip
+        relays, _ = await self.generate.relays(caller, key, self._choices(body, first))
+        return relays
 
     def _choices(
         self, body: ChatCompletionRequest | CompletionRequest,
@@ -352,8 +357,8 @@ class Chunks(ABC):
 
     id: str
     model: str
-    created: int
     n: int = 1
+    created: int = field(default_factory=lambda: int(time.time()))
     # Characters of text already in chunks, per choice (completions' logprobs count offsets)
     chars: dict[int, int] = field(default_factory=dict)
 
