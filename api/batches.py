@@ -54,7 +54,13 @@ from api.openai_protocol import (
     EmbeddingResponse,
     UsageInfo,
 )
-from api.openai_serving import OpenAIError, OpenAIHandler, from_validation
+from api.openai_serving import (
+    CompletionChunks,
+    OpenAIError,
+    OpenAIHandler,
+    chat_logprobs,
+    from_validation,
+)
 from shared import batch
 from shared import redis as sredis
 from shared.messages import BatchEmbedding, BatchResult, GenerationRequest
@@ -274,8 +280,6 @@ class Batches:
             raise _as_openai(e) from e
         if (body.get("n") or 1) != 1:
             raise ValueError("n: one choice per line in batches (a line per choice instead)")
-        if validated.message.sampling.logprobs is not None:
-            raise ValueError("logprobs: not returned by batches (batch results carry text)")
         return validated.message.model_copy(update={
             "request_id": f"{static.id}-{n}", "correlation": custom_id,
             "deadline": float(static.expires_at),
@@ -414,12 +418,17 @@ def output_line(static: Static, n: int, custom_id: str, result: BatchResult) -> 
     head = {"id": rid, "created": int(result.finished_at), "model": static.model,
             "usage": info, "sluice_cost_usd": result.cost_usd}  # fmt: skip
     body: BaseModel
+    tokens = result.logprobs or []
     if static.endpoint == "/v1/chat/completions":
         choice = ChatChoice(message=AssistantMessage(content=result.text),
-                            finish_reason=result.finish_reason)  # fmt: skip
+                            finish_reason=result.finish_reason,
+                            logprobs=chat_logprobs(tokens))  # fmt: skip
         body = ChatCompletionResponse(**{**head, "id": f"chatcmpl-{rid}"}, choices=[choice])
     else:
-        choice2 = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
+        legacy = CompletionChunks(f"cmpl-{rid}", static.model).logprobs(tokens, 0)
+        choice2 = CompletionChoice(
+            text=result.text, finish_reason=result.finish_reason, logprobs=legacy
+        )
         body = CompletionResponse(**{**head, "id": f"cmpl-{rid}"}, choices=[choice2])
     return json.dumps({
         "id": f"batch_req_{rid}", "custom_id": custom_id,

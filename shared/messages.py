@@ -284,6 +284,9 @@ class BatchResult(_Wire):
     cost_usd: float | None = None
     error: str | None = None
     finished_at: float
+    # With sampling.logprobs: each token of `text` with its log probability and the top
+    # alternatives, as in the stream events
+    logprobs: list[Token] | None = None
 
 
 class BatchEmbedding(_Wire):

@@ -69,6 +69,7 @@ def test_a_batch_of_200_lines_two_invalid_completes_through_the_openai_client(
     lines = [chat_line(model, i) for i in range(200)]
     lines[57]["body"]["max_tokens"] = 100_000  # over SLUICE_MAX_TOKENS_LIMIT
     lines[120]["custom_id"] = "q3"  # custom_ids must be unique
+    lines[5]["body"].update(logprobs=True, top_logprobs=2)
     file_id = upload(client, tmp_path / "jobs.jsonl", lines)
     assert client.files.retrieve(file_id).filename == "jobs.jsonl"
     assert file_id in {f.id for f in client.files.list(purpose="batch").data}
@@ -103,6 +104,14 @@ def test_a_batch_of_200_lines_two_invalid_completes_through_the_openai_client(
     body = third["response"]["body"]
     assert body["choices"][0]["message"]["content"] == online.choices[0].message.content
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] > 0
+    # A line asking for logprobs gets them, as the online endpoint gives them.
+    online = client.chat.completions.create(**lines[5]["body"])
+    [fifth] = [o["response"]["body"]["choices"][0] for o in output if o["custom_id"] == "q5"]
+    assert online.choices[0].logprobs is not None and online.choices[0].logprobs.content
+    assert [t["token"] for t in fifth["logprobs"]["content"]] == [
+        t.token for t in online.choices[0].logprobs.content
+    ]
+    assert len(fifth["logprobs"]["content"][0]["top_logprobs"]) == 2
     assert batch.id in {b.id for b in client.batches.list(limit=100).data}
 
 

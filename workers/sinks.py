@@ -159,17 +159,24 @@ class BatchSink:
         self._request = request
         self._finish = finish
         self._parts: list[str] = []
+        self._chars = 0
+        self._logprobs: list[Token] | None = [] if request.sampling.logprobs is not None else None
 
     def tokens(
         self, start: int, text: str, ids: tuple[int, ...], seconds: float,
         logprobs: tuple[TokenLogprobs, ...] = (),
     ) -> None:  # fmt: skip
+        if self._logprobs is not None:
+            tokens = _tokens(start, len(ids), text, self._chars, logprobs)
+            self._logprobs.extend(t for t in tokens if t.logprob is not None)
         self._parts.append(text)
+        self._chars += len(text)
 
     async def done(self, event: DoneEvent) -> bool:
         await self._send(
-            event.finish_reason, event.usage, cost_usd=event.cost_usd, text="".join(self._parts)
-        )
+            event.finish_reason, event.usage, cost_usd=event.cost_usd, text="".join(self._parts),
+            logprobs=self._logprobs,
+        )  # fmt: skip
         return await self._finish()
 
     async def rejected(self, message: str) -> bool:
