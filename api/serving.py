@@ -70,6 +70,12 @@ def _relayed(backlog: list[Event], last_index: int) -> Relayed:
     return relayed
 
 
+def _unstamped(event: Event) -> Event:
+    if isinstance(event, TokensEvent) and event.published_at is not None:
+        return event.model_copy(update={"published_at": None})
+    return event
+
+
 class Relay(NamedTuple):
     """One connection's relay of a request: its queue (ended with `release`), the events read
     from it, how many times the stream had been resumed when it opened, and whether the request
@@ -354,7 +360,9 @@ class GenerateHandler:
         self, queue: asyncio.Queue[Event], backlog: list[Event], last_event_id: int, timeout: float
     ) -> AsyncIterator[Event]:
         live = [queue.get_nowait() for _ in range(queue.qsize())]
-        for event in [*backlog, *live]:  # in publication order; `events` drops repeats
+        # Stored events were delivered long ago, maybe: not samples of the delivery latency.
+        stored = [_unstamped(e) for e in backlog]
+        for event in [*stored, *live]:  # in publication order; `events` drops repeats
             queue.put_nowait(event)
         clock = Clock(time.monotonic())
         clock.first_token = clock.accepted  # not a new request: no TTFT sample
