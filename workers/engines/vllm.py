@@ -20,6 +20,8 @@ from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 from workers.engines.base import Delta, EngineDead, RequestRejected, TokenLogprobs
 
+DEAD_CHECK_S = 1.0  # how often a request waiting on the engine checks that it still lives
+
 
 class VllmEngine:
     name = "vllm"
@@ -88,7 +90,7 @@ class VllmEngine:
             prompt = TokensPrompt(prompt_token_ids=ids + resume)
             stream = self._llm.generate(prompt, params, request.request_id, priority=priority)
             first = True
-            async for out in stream:
+            async for out in self._watched(stream):
                 completion = out.outputs[0]
                 scheduled_at = sampled_at = None
                 if first and out.metrics is not None:
@@ -110,6 +112,24 @@ class VllmEngine:
             raise RequestRejected(str(e)) from e  # sampling values, a grammar it cannot build)
         finally:
             self._running.discard(request.request_id)
+
+    async def _watched(self, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The engine's outputs, or EngineDeadError once the engine is dead even if this
+        request's stream never hears of it: seen once in CI, a request added as the engine
+        core died waited silently for minutes, and its worker with it."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        iterator = aiter(stream)
+        while True:
+            step = asyncio.ensure_future(anext(iterator))
+            while not (await asyncio.wait({step}, timeout=DEAD_CHECK_S))[0]:
+                if self._llm.errored:
+                    step.cancel()
+                    raise EngineDeadError("the engine died with this request in it")
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
