@@ -1,6 +1,7 @@
 """`sluice`: one command for every Sluice process.
 
-sluice api | worker | ingestion   run one process (configured by SLUICE_* variables)
+sluice api | worker | ingestion   run one process (configured by SLUICE_* variables);
+                                  `worker --model NAME` joins that model's pool
 sluice ingest PATH...        send files/folders (.txt .md .html .pdf) to ingestion
 sluice up                    the whole stack on this machine (what `make run` does)
 sluice down                  stop what `sluice up` started
@@ -157,7 +158,7 @@ def _api(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from workers.main import main
 
-    main()
+    main(args.model)
 
 
 def _ingestion(args: argparse.Namespace) -> None:
@@ -372,7 +373,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("api", help="run the HTTP API").set_defaults(fn=_api)
-    sub.add_parser("worker", help="run a worker (Kafka -> vLLM -> Redis)").set_defaults(fn=_worker)
+    worker = sub.add_parser("worker", help="run a worker (Kafka -> vLLM -> Redis)")
+    worker.add_argument(
+        "--model", help="serve this model of the catalog (SLUICE_MODELS); default: SLUICE_MODEL"
+    )
+    worker.set_defaults(fn=_worker)
     sub.add_parser("ingestion", help="run the ingestion consumer").set_defaults(fn=_ingestion)
     ingest = sub.add_parser("ingest", help="send files or folders to ingestion")
     ingest.add_argument("paths", nargs="+", type=Path)

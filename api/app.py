@@ -56,7 +56,7 @@ from api.schemas import (
 )
 from api.serving import GenerateHandler
 from api.streaming import StreamHub
-from shared import cost, kafka, ledger, metrics
+from shared import cost, kafka, ledger, metrics, pools
 from shared import redis as sredis
 from shared.documents import DocumentStatus
 from shared.embeddings import Embedder
@@ -79,7 +79,8 @@ def create_app(settings: Settings) -> FastAPI:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path(settings))
-        await kafka.ensure_topics(settings)
+        for model in pools.names(settings):  # a pool at zero workers still takes requests
+            await kafka.ensure_topics(pools.pool_settings(settings, model))
         redis = sredis.connect(settings)
         producer = kafka.make_producer(settings)
         await producer.start()

@@ -33,8 +33,13 @@ LAG_AGE_S = 1.0  # the worker measures lag about once a second, before its heart
 
 
 class Admission:
-    def __init__(self, settings: Settings, hub: StreamHub) -> None:
+    def __init__(
+        self, settings: Settings, hub: StreamHub, default_topic: str | None = None
+    ) -> None:
+        """`settings`: its model pool's; `default_topic`: the default pool's requests topic,
+        which workers from before pools read (None: this pool's)."""
         self._settings = settings
+        self._default_topic = default_topic or settings.requests_topic
         self._hub = hub
         self._read_at = 0.0
         self._lag = 0
@@ -65,6 +70,10 @@ class Admission:
         self._tenant_of[request_id] = tenant
         self._holding[tenant] += 1
 
+    def waiting(self) -> tuple[int, int]:
+        """The pool's backlog (as last read, plus admissions since) and its live workers."""
+        return self._lag + len(self._admitted), self._workers
+
     def release(self, request_id: str) -> None:
         """The request ended (or was never enqueued): no longer its tenant's."""
         tenant = self._tenant_of.pop(request_id, None)
@@ -86,7 +95,9 @@ class Admission:
         except Exception as e:  # Redis down: enqueueing fails anyway; keep the last view
             log.warning("backpressure: heartbeats unreadable: %s", e)
             return
-        beats = [b for b in beats if b.interactive]  # a batch-only pool takes none of these
+        # This model's pool only; its batch-only workers take none of these requests.
+        topic, default = self._settings.requests_topic, self._default_topic
+        beats = [b for b in beats if b.interactive and b.serves(topic, default)]
         self._lag = sum(b.lag for b in beats)
         self._workers = len(beats)
         # With no worker nobody measures the lag: every admission counts until one appears.

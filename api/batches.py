@@ -61,7 +61,7 @@ from api.openai_serving import (
     chat_logprobs,
     from_validation,
 )
-from shared import batch
+from shared import batch, pools
 from shared import redis as sredis
 from shared.messages import BatchEmbedding, BatchResult, GenerationRequest
 from shared.settings import Settings
@@ -217,9 +217,11 @@ class Batches:
                 key = f"{line.batch_id}-{line.line}".encode()
                 topic = self.settings.batch_embeddings_topic
                 sent.append(await self.producer.send(topic, value=value, key=key))
-            else:
-                topic = self.settings.batch_requests_topic
-                sent.append(await batch.send(self.producer, topic, line, signer))
+            else:  # to its model's pool (shared/pools.py)
+                pool = pools.pool_settings(self.settings, line.model or self.settings.model)
+                sent.append(
+                    await batch.send(self.producer, pool.batch_requests_topic, line, signer)
+                )
         await asyncio.gather(*sent)
 
     async def _validate(

@@ -482,6 +482,8 @@ class ModelCard(BaseModel):
     # the embedding model, which the API processes serve themselves.
     sluice_workers: list[ModelWorker]
     sluice_served_by: Literal["workers", "api"] = "workers"
+    # Requests waiting in its pool's topic, as its live workers last reported it
+    sluice_lag: int = 0
 
 
 class ModelList(BaseModel):

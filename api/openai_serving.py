@@ -58,8 +58,8 @@ from api.openai_protocol import (
 )
 from api.schemas import GenerateBody
 from api.serving import SSE_HEADERS, Build, GenerateHandler, HungUp, Relay, Validated
-from api.streaming import Completion, Event, RequestFailed
-from shared import metrics
+from api.streaming import Completion, Queued, Relaying, RequestFailed
+from shared import metrics, pools
 from shared.messages import DoneEvent, Token, TokensEvent
 from shared.redis import live_workers
 from shared.settings import Settings
@@ -191,18 +191,24 @@ class OpenAIHandler:
         return await self._to_wire(body, prompt, "max_tokens", body.max_tokens, tenant, request_id)
 
     async def models(self) -> ModelList:
-        """The served model, always, and any other model a live worker reports (a worker on the
-        same topic with another model is a misconfiguration; listing it makes it visible)."""
+        """The catalog's models, each with its pool's live workers and the requests waiting in
+        its topic (a pool may sit at zero workers), then any model a live worker reports
+        outside the catalog (a misconfiguration; listing it makes it visible)."""
         try:
             beats = await live_workers(self.redis, self.settings)
         except Exception as e:  # Redis down: still say what this API serves
             log.warning("listing models without worker heartbeats: %s", e)
             beats = []
-        served: dict[str, list[ModelWorker]] = {self.settings.model: []}
+        served: dict[str, list[ModelWorker]] = {m: [] for m in pools.names(self.settings)}
+        lag: dict[str, int] = {}
         for b in sorted(beats, key=lambda b: b.worker_id):
             worker = ModelWorker(worker_id=b.worker_id, engine=b.engine, in_flight=b.in_flight)
             served.setdefault(b.model, []).append(worker)
-        cards = [ModelCard(id=m, created=self.started, sluice_workers=w) for m, w in served.items()]
+            lag[b.model] = lag.get(b.model, 0) + b.lag
+        cards = [
+            ModelCard(id=m, created=self.started, sluice_workers=w, sluice_lag=lag.get(m, 0))
+            for m, w in served.items()
+        ]
         cards.append(  # /v1/embeddings, served by this process (api/openai_embeddings.py)
             ModelCard(
                 id=self.settings.embedding_model,
@@ -214,8 +220,7 @@ class OpenAIHandler:
         return ModelList(data=cards)
 
     def _check_model(self, model: str) -> None:
-        # Workers share one topic, so a request cannot pick among models: only ours is served.
-        if model != self.settings.model:
+        if model not in pools.names(self.settings):
             raise OpenAIError(
                 404, f"The model `{model}` does not exist.", "model", "model_not_found"
             )
@@ -231,6 +236,7 @@ class OpenAIHandler:
     ) -> Validated:
         """Through /generate's body and checks, so both APIs validate alike."""
         given = {
+            "model": body.model,
             "max_tokens": max_tokens,
             "temperature": body.temperature,
             "top_p": body.top_p,
@@ -282,7 +288,7 @@ def _choice(first: Validated, i: int) -> Validated:
     return first._replace(message=m.model_copy(update=update))
 
 
-Choice = tuple[int, Event | RequestFailed]
+Choice = tuple[int, Relaying | RequestFailed]
 
 
 async def merged(relays: list[Relay], ended: set[int]) -> AsyncIterator[Choice]:
@@ -476,7 +482,9 @@ async def sse_chunks(
     for chunk in chunks.opening():
         yield frame(chunk)
     async for index, event in source:
-        if isinstance(event, TokensEvent):
+        if isinstance(event, Queued):  # a comment: the openai client parses events as chunks
+            yield f": queued {event.waited_s:g} s, {event.backlog} waiting\n\n".encode()
+        elif isinstance(event, TokensEvent):
             text = "".join(t.text for t in event.tokens)
             if text:  # one chunk per coalesced event, however many tokens it holds
                 yield frame(chunks.text(text, event.tokens, index))

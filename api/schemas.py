@@ -71,6 +71,8 @@ class GenerateBody(PromptInput, SamplingOptions):
             ]
         return messages
 
+    # One of the catalog's models (shared/pools.py; /v1/models lists them); None: the default
+    model: str | None = Field(None, min_length=1, max_length=256)
     max_tokens: int | None = Field(None, gt=0)  # type: ignore[assignment]
     stop: Stop = None  # type: ignore[assignment]
     seed: Seed | None = None
@@ -107,6 +109,8 @@ class GenerateResponse(BaseModel):
     cost_usd: float | None = None
     # With `logprobs`: each token, its log probability and the top alternatives
     logprobs: list[Token] | None = None
+    # The worker that served it (of the model's pool)
+    worker_id: str | None = None
 
 
 # --- Documents and retrieval (docs/RAG.md)

@@ -18,16 +18,17 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
 from api.auth import ANONYMOUS, Caller, bind
-from api.backpressure import Admission
 from api.errors import invalid_field, unavailable
 from api.idempotency import Idempotency, Key
 from api.ratelimit import RateLimiter
+from api.routing import Router
 from api.schemas import GenerateBody, GenerateResponse
 from api.streaming import (
     Clock,
     Completion,
     Event,
     Relayed,
+    Relaying,
     RequestFailed,
     StreamHub,
     collect,
@@ -37,6 +38,7 @@ from api.streaming import (
 from shared import redis as sredis
 from shared import tracing
 from shared.messages import GenerationRequest, TokensEvent
+from shared.pools import UnknownModel
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
 from shared.tracing import Tracer
@@ -83,7 +85,7 @@ class Relay(NamedTuple):
 
     request_id: str
     queue: asyncio.Queue[Event]
-    events: AsyncIterator[Event]
+    events: AsyncIterator[Relaying]
     generation: int = 0
     keep: bool = False
 
@@ -108,14 +110,10 @@ class GenerateHandler:
     ) -> None:
         self.settings = settings
         self.tracer = tracer or Tracer(settings, None, "sluice-api")
-        self.tokenizer = tokenizer
-        # The most characters one token stands for: a token string has at least as many
-        # characters as the text it decodes to (byte-level BPE, sentencepiece).
-        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-        self._token_chars = max(map(len, vocab), default=1)
+        self.tokenizer = tokenizer  # the default model's
         self.producer = producer
         self.hub = hub
-        self.admission = Admission(settings, hub)
+        self.router = Router(settings, tokenizer, hub)
         self.limiter = RateLimiter(hub.redis, settings)
         self.idempotency = Idempotency(hub.redis, settings)
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -123,8 +121,13 @@ class GenerateHandler:
     async def to_message(
         self, body: GenerateBody, tenant: str | None = None, request_id: str | None = None
     ) -> Validated:
-        """The wire message, or a 422 naming the field, before anything is enqueued.
-        `request_id`: one already admitted for a retrieval (api/ratelimit.py); else a new one."""
+        """The wire message, or a 422 naming the field, before anything is enqueued (a 404 for
+        a model no pool serves). `request_id`: one already admitted for a retrieval
+        (api/ratelimit.py); else a new one."""
+        try:
+            pool = await self.router.get(body.model)
+        except UnknownModel:
+            raise HTTPException(404, f"model {body.model!r} is not served") from None
         most = self.settings.max_messages
         if body.messages is not None and len(body.messages) > most:
             # Before tokenizing: the chat template's cost grows with every message.
@@ -137,18 +140,18 @@ class GenerateHandler:
                 "max_tokens", f"must be <= {limit} (SLUICE_MAX_TOKENS_LIMIT)", body.max_tokens
             )
         sampling = body.sampling(min(self.settings.default_max_tokens, limit))
-        vocabulary = len(self.tokenizer) if sampling.stop_token_ids else 0
+        vocabulary = len(pool.tokenizer) if sampling.stop_token_ids else 0
         if any(i >= vocabulary for i in sampling.stop_token_ids):
             raise invalid_field(
                 "stop_token_ids", f"token ids are below {vocabulary} (the model's vocabulary)",
                 sampling.stop_token_ids,
             )  # fmt: skip
-        context = self.settings.max_model_len
+        context = pool.settings.max_model_len
         field = "prompt" if body.prompt is not None else "messages"
-        # A cheap bound first: no token covers more than `_token_chars` characters, so a text
+        # A cheap bound first: no token covers more than `token_chars` characters, so a text
         # this long cannot fit, and tokenizing it (0.7 s for 1 MiB) would be for nothing.
         chars = len(body.prompt or "") + sum(len(m.content) for m in body.messages or ())
-        at_least = math.ceil(chars / self._token_chars)
+        at_least = math.ceil(chars / pool.token_chars)
         if at_least + sampling.max_tokens > context:
             raise invalid_field(
                 field,
@@ -157,7 +160,7 @@ class GenerateHandler:
                 f"{chars} characters",
             )
         # Off the event loop: the streams this process relays do not wait for it.
-        n_prompt = len(await asyncio.to_thread(prompt_token_ids, self.tokenizer, body))
+        n_prompt = len(await asyncio.to_thread(prompt_token_ids, pool.tokenizer, body))
         if n_prompt + sampling.max_tokens > context:
             raise invalid_field(
                 field,
@@ -179,6 +182,7 @@ class GenerateHandler:
             deadline=now + timeout,
             tenant=tenant,
             requires=sampling.features(),
+            model=pool.settings.model,
         )
         return Validated(message, n_prompt)
 
@@ -189,8 +193,9 @@ class GenerateHandler:
         traceparent = self.tracer.start(rid, caller.traceparent, name="sluice.api.request")
         self.tracer.hop(rid, tracing.API_ACCEPTED)
         try:
+            pool = await self.router.get(message.model)
             sent = await self.producer.send_and_wait(
-                self.settings.requests_topic,
+                pool.settings.requests_topic,
                 value=message.model_dump_json().encode(),
                 key=rid.encode(),
                 headers=[(tracing.TRACEPARENT, traceparent.encode())],
@@ -268,13 +273,15 @@ class GenerateHandler:
         try:
             queue = await self._submit(message, caller)
         except BaseException:
-            self.admission.release(message.request_id)
+            self.router.release(message.request_id)
             raise
         timeout = self.settings.request_timeout_s
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at
         mark = functools.partial(self.tracer.hop, message.request_id)
-        source = events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark)
+        pool = await self.router.get(message.model)
+        waiting = pool.admission.waiting
+        source = events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark, waiting=waiting)
         return Relay(message.request_id, queue, source, keep=keep)
 
     async def close(self, request_id: str, queue: asyncio.Queue[Event]) -> int:
@@ -282,7 +289,7 @@ class GenerateHandler:
         The request stops counting as its tenant's with the last of them."""
         others = await self.hub.close(request_id, queue)
         if not others:
-            self.admission.release(request_id)
+            self.router.release(request_id)
         return others
 
     async def _admit(self, request: Validated, caller: Caller) -> None:
@@ -295,7 +302,8 @@ class GenerateHandler:
         tokens = request.prompt_tokens + message.sampling.max_tokens
         await self.limiter.admit(caller, rid, tokens)
         try:
-            await self.admission.check(caller.tenant, rid)
+            pool = await self.router.get(message.model)
+            await pool.admission.check(caller.tenant, rid)
         except HTTPException:
             with contextlib.suppress(RedisError):
                 await self.limiter.refund(caller, rid, tokens)
@@ -303,7 +311,7 @@ class GenerateHandler:
         try:
             await bind(self.hub.redis, self.settings, rid, caller)
         except RedisError as e:
-            self.admission.release(rid)
+            self.router.release(rid)
             raise unavailable("could not record the request (Redis unavailable)", e) from e
 
     def one(self, body: GenerateBody, tenant: str) -> Build:
@@ -358,7 +366,7 @@ class GenerateHandler:
 
     def _replay(
         self, queue: asyncio.Queue[Event], backlog: list[Event], last_event_id: int, timeout: float
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[Relaying]:
         live = [queue.get_nowait() for _ in range(queue.qsize())]
         # Stored events were delivered long ago, maybe: not samples of the delivery latency.
         stored = [_unstamped(e) for e in backlog]
@@ -461,4 +469,5 @@ def response(whole: Completion, logprobs: bool) -> GenerateResponse:
         timings=done.timings,
         cost_usd=done.cost_usd,
         logprobs=whole.logprobs if logprobs else None,
+        worker_id=done.worker_id,
     )

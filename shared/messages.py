@@ -177,6 +177,9 @@ class GenerationRequest(PromptInput):
     correlation: str | None = Field(None, max_length=256)
     # Features this request needs its worker to honour (KNOWN_FEATURES); see the module doc.
     requires: list[str] = Field(default_factory=list)
+    # The catalog's model it is for (shared/pools.py); a worker of another pool dead-letters
+    # it. None: whatever the topic's pool serves.
+    model: str | None = Field(None, max_length=256)
     # Keep the request's events this long after it ends (an Idempotency-Key's window: a retry
     # replays them). None: as long as a resume needs them. A worker that predates the field
     # keeps them that long only, and a late retry then finds no result (404), never a rerun.
@@ -250,6 +253,8 @@ class DoneEvent(_Wire):
     timings: Timings
     # Engine time attributed to this request by token share, at the instance price
     cost_usd: float | None = None
+    # The worker whose engine finished it (with a model pool: one of that pool's workers)
+    worker_id: str | None = None
 
 
 class ErrorEvent(_Wire):
@@ -318,6 +323,13 @@ class Heartbeat(_Wire):
     # rebalances, or while it is full, restarts its engine or drains): the ones no live
     # worker lists are read by the others with room (workers/rescue.py).
     partitions: list[int] = Field(default_factory=list)
+    # The requests topic it reads, so its model pool's (shared/pools.py); None: a worker from
+    # before pools, which served the default one.
+    topic: str | None = None
+
+    def serves(self, requests_topic: str, default_topic: str) -> bool:
+        """Whether it is a worker of the pool reading `requests_topic`."""
+        return (self.topic or default_topic) == requests_topic
 
 
 # --- Ingestion: the message on `sluice.ingest` (keyed by doc_id, so one document's versions

@@ -32,8 +32,9 @@ def default_model_dir(settings: Settings) -> Path:
 
 def model_path(settings: Settings) -> str:
     """What to hand to vLLM and to the tokenizer: a directory or a hub id."""
-    if settings.model != DEFAULT_MODEL:
-        return settings.model
+    weights = settings.model_weights or settings.model
+    if weights != DEFAULT_MODEL:
+        return weights
     target = default_model_dir(settings)
     if not (target / "config.json").exists():
         raise ModelNotPrepared(f"{target} is missing: run `sluice model prepare` first")

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -18,6 +18,23 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class PoolSpec(BaseModel):
+    """One more model of the catalog (SLUICE_MODELS): where its weights are and what its
+    workers do differently from the default settings (shared/pools.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A directory or hub id; the bundled model's name for the bundled weights. Default: the
+    # model's own name.
+    weights: str | None = None
+    engine: Literal["vllm", "transformers"] | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    max_model_len: int | None = Field(None, ge=16)
+    instance_hourly_usd: float | None = Field(None, ge=0)
+    max_queued_per_worker: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -87,6 +104,11 @@ class Settings(BaseSettings):
 
     # Model and limits shared by the API (validation) and the workers (engine)
     model: str = DEFAULT_MODEL
+    # Its weights, when not named by `model` (a pool of the catalog sets it; shared/models.py)
+    model_weights: str | None = None
+    # More models, each served by its own pool of workers (`sluice worker --model NAME`) on its
+    # own topics (shared/pools.py): JSON, name -> PoolSpec. `model` is always served too.
+    models: dict[str, PoolSpec] = Field(default_factory=dict)
     model_cache_dir: Path = Path.home() / ".cache" / "sluice" / "models"
     max_model_len: int = Field(2048, ge=16)
     max_tokens_limit: int = Field(1024, ge=1)

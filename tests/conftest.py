@@ -23,10 +23,12 @@ import pytest
 from shared import devstack
 from shared.devstack import LocalStack
 from shared.models import prepare_default_model
-from shared.settings import Settings
+from shared.settings import DEFAULT_MODEL, PoolSpec, Settings
 from tests.otlp_receiver import Receiver
 
 LOG_DIR = Path(__file__).resolve().parent.parent / ".run" / "test-logs"
+# The shared stack's second model: the bundled weights on the transformers engine
+SECOND_POOL = "smollm-hf"
 
 
 @dataclass
@@ -140,7 +142,11 @@ def otlp() -> Iterator[Receiver]:
 def stack(
     services: Services, greedy_reference: dict[str, str], otlp: Receiver
 ) -> Iterator[LocalStack]:
-    settings = make_settings(services, port=devstack.free_port(), otel_endpoint=otlp.url)
+    settings = make_settings(
+        services, port=devstack.free_port(), otel_endpoint=otlp.url,
+        # A second model pool, with no worker until a test starts one (tests/test_pools_e2e.py)
+        models={SECOND_POOL: PoolSpec(weights=DEFAULT_MODEL, engine="transformers")},
+    )  # fmt: skip
     s = LocalStack(settings, LOG_DIR)
     s.start_worker()
     s.start_ingestion()

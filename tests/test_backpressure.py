@@ -56,6 +56,12 @@ async def test_reported_lag_and_fresh_admissions_count_against_the_bound(
             redis, settings, beat.model_copy(update={"worker_id": "w2", "lag": 0})
         )
         assert await admitted(Admission(settings, StreamHub(redis, settings)), 20) == 7
+        # Another model's pool is not this one's capacity (shared/pools.py).
+        other = beat.model_copy(
+            update={"worker_id": "w3", "topic": settings.requests_topic + ".other", "lag": 0}
+        )
+        await sredis.write_heartbeat(redis, settings, other)
+        assert await admitted(Admission(settings, StreamHub(redis, settings)), 20) == 7
     finally:
         await redis.aclose()
 

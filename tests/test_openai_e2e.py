@@ -108,7 +108,7 @@ def test_models_lists_the_served_model_and_its_workers(
     client: openai.OpenAI, model: str, stack: LocalStack
 ) -> None:
     cards = {c.id: c for c in client.models.list().data}
-    assert set(cards) == {model, stack.settings.embedding_model}
+    assert set(cards) == {model, *stack.settings.models, stack.settings.embedding_model}
     card = cards[model]
     assert card.object == "model"
     workers = (card.model_extra or {})["sluice_workers"]

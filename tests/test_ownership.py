@@ -115,7 +115,8 @@ async def test_a_worker_taken_for_dead_is_fenced_off(services: Services) -> None
         await asyncio.sleep(0.3)
         # Another worker declared "slow" dead and took its request over (epoch 2).
         assert await redis.smove(thief.owned_key("slow"), thief.orphans_key, rid)
-        claim = await thief.claim_orphan(rid, ["interactive"])
+        assert await thief.claim_orphan(rid, [settings.requests_topic + ".other"]) is None
+        claim = await thief.claim_orphan(rid, [settings.requests_topic])
         assert claim is not None and claim.epoch == 2 and claim.takeovers == 1
         deadline = time.monotonic() + 5
         while rid not in engine.aborted:  # its next publish was refused: it stopped

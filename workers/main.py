@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import kafka, metrics, tracing
+from shared import kafka, metrics, pools, tracing
 from shared import redis as sredis
 from shared.kafka import KafkaLost
 from shared.ledger import Ledger
@@ -249,7 +249,7 @@ class Worker:
             feed.offsets.started(tp, record.offset)
         try:
             request = await self._parse(feed, record)
-        except (ValidationError, Forged) as e:
+        except (ValidationError, Forged, pools.Misrouted) as e:
             if tp is not None:
                 await kafka.dead_letter(self.producer, feed.dlq_topic, record, _reason(e))
                 feed.offsets.finished(tp, record.offset)
@@ -291,6 +291,7 @@ class Worker:
         """The record's request, its tenant verified if it is a batch one. Raises
         ValidationError or Forged; None if the worker stopped while Redis was unreachable."""
         request = GenerationRequest.model_validate_json(record.value or b"")
+        pools.check_model(request.model, self.settings)
         if not feed.batch:
             return request
         while not self.stopping.is_set():
@@ -427,9 +428,8 @@ class Worker:
             refused = await self._refused(running)
             if refused is not None:
                 log.info("dropping %s unrun: %s", request.request_id, refused)
-                await sink.done(
-                    done_event(request, Progress(finish_reason=refused), picked_at, 0.0)
-                )
+                unrun = Progress(finish_reason=refused)
+                await sink.done(done_event(request, unrun, picked_at, 0.0, self.settings.worker_id))
                 return
             async with self._suspects if running.claim.suspect else contextlib.nullcontext():
                 await self._generate(running, sink, picked_at)
@@ -495,7 +495,8 @@ class Worker:
         dollars = seconds * self.cost.dollars_per_second
         # Only once the outcome is stored does the request count as finished in Kafka; only
         # the one owner whose done event went out bills it.
-        if await sink.done(done_event(request, progress, picked_at, dollars)):
+        done = done_event(request, progress, picked_at, dollars, self.settings.worker_id)
+        if await sink.done(done):
             add_request(
                 self.ledger,
                 topic=running.claim.topic,
@@ -571,6 +572,7 @@ class Worker:
             lag=metrics.reported_lag(self.settings.requests_topic) if interactive else 0,
             interactive=interactive,
             partitions=self._partitions(),
+            topic=self.settings.requests_topic,
         )
         self._listed = beat.partitions
         try:
@@ -588,9 +590,11 @@ class Worker:
         return sorted(tp.partition for tp in self.interactive.holding)
 
 
-def _reason(error: ValidationError | Forged) -> str:
+def _reason(error: ValidationError | Forged | pools.Misrouted) -> str:
     if isinstance(error, Forged):
         return f"batch message refused: {error}"
+    if isinstance(error, pools.Misrouted):
+        return f"misrouted: {error}"
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "message"
     return f"invalid request message: {where}: {first['msg']} ({error.error_count()} errors)"
@@ -642,8 +646,12 @@ async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None =
         await redis.aclose()
 
 
-def main() -> None:
+def main(model: str | None = None) -> None:
+    """`model`: the catalog's model whose pool this worker joins (shared/pools.py); None: the
+    default model's."""
     settings = Settings()
+    if model is not None:
+        settings = pools.pool_settings(settings, model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.worker_metrics_port:
         metrics.serve_metrics(settings.worker_metrics_port, settings.metrics_host)

@@ -101,11 +101,12 @@ if h[1] ~= 'running' or redis.call('HEXISTS', KEYS[3], h[2]) == 1 then return 0 
 return redis.call('SMOVE', ARGV[2] .. h[2], KEYS[2], ARGV[1])
 """
 
-# KEYS: orphans, req, owned (the claimer's), ids. ARGV: rid, claimer, the feeds it serves.
+# KEYS: orphans, req, owned (the claimer's), ids. ARGV: rid, claimer, the topics it reads
+# (comma-separated): a request stays with workers of its own feed and model pool.
 _CLAIM_ORPHAN = """
-local feed = redis.call('HGET', KEYS[2], 'feed')
-if not feed then redis.call('SREM', KEYS[1], ARGV[1]) return false end
-if not string.find(ARGV[3], feed, 1, true) then return false end
+local topic = redis.call('HGET', KEYS[2], 'topic')
+if not topic then redis.call('SREM', KEYS[1], ARGV[1]) return false end
+if not string.find(',' .. ARGV[3] .. ',', ',' .. topic .. ',', 1, true) then return false end
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return false end
 if redis.call('HGET', KEYS[2], 'state') ~= 'running' then return false end
 local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
@@ -192,9 +193,9 @@ class Owners:
         )  # fmt: skip
         return state.decode(), owner.decode()
 
-    async def claim_orphan(self, rid: str, feeds: list[str]) -> Claim | None:
+    async def claim_orphan(self, rid: str, topics: list[str]) -> Claim | None:
         keys = [self.orphans_key, self.request_key(rid), self.owned_key(self.me), self.ids_key(rid)]
-        got = await self._claim_orphan(keys=keys, args=[rid, self.me, ",".join(feeds)])
+        got = await self._claim_orphan(keys=keys, args=[rid, self.me, ",".join(topics)])
         if not got:
             return None
         epoch, fields, ids = got

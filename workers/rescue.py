@@ -48,7 +48,11 @@ class Rescue:
         now, limit = time.time(), self._settings.worker_dead_after_s
         me = self._settings.worker_id
         parsed = [Heartbeat.model_validate_json(raw) for raw in beats.values()]
-        others = [b for b in parsed if b.worker_id != me and now - b.ts < limit]
+        # Only this pool's workers read this topic (shared/pools.py).
+        others = [
+            b for b in parsed
+            if b.worker_id != me and now - b.ts < limit and b.serves(self._topic, self._topic)
+        ]  # fmt: skip
         await self.cover(uncovered(all_, others, holding) if room > 0 else set())
         return await self.take(room)
 

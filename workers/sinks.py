@@ -46,8 +46,9 @@ class Progress:
 
 
 def done_event(
-    request: GenerationRequest, p: Progress, picked_at: float, dollars: float
-) -> DoneEvent:
+    request: GenerationRequest, p: Progress, picked_at: float, dollars: float,
+    worker_id: str | None = None,
+) -> DoneEvent:  # fmt: skip
     """The terminal event of a request (the sinks of batch requests turn it into a
     BatchResult). Timings are from `enqueued_at`, the API's clock."""
     now = time.time()
@@ -61,6 +62,7 @@ def done_event(
             e2e_ms=_ms_since(request.enqueued_at, now),
         ),
         cost_usd=dollars,
+        worker_id=worker_id,
     )
 
 

@@ -43,7 +43,7 @@ async def one_round(worker: Worker) -> None:
     feeds = {f.name: f for f in worker.feeds}
     room = worker.room()
     for rid in await owners.orphans(room) if room > 0 else []:
-        claim = await owners.claim_orphan(rid, list(feeds))
+        claim = await owners.claim_orphan(rid, [f.topic for f in worker.feeds])
         if claim is not None:
             await _continue(worker, claim, feeds[claim.feed])
     await _rescue(worker, beats)
