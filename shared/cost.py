@@ -94,6 +94,7 @@ class CostReport(WindowTotals):
     attributed_per_1k_requests_usd: float | None
     by_tenant_usd: dict[str, float]
     by_topic_usd: dict[str, float]
+    by_model_usd: dict[str, float]  # by the catalog's model whose pool served it
     monthly: MonthlyProjection
     recommendations: list[Recommendation]
 
@@ -172,6 +173,7 @@ def build_report(
         attributed_per_1k_requests_usd=_scaled(_ratio(attributed, requests), 1000),
         by_tenant_usd=_labelled(totals, "dollars@tenant:"),
         by_topic_usd=_labelled(totals, "dollars@topic:"),
+        by_model_usd=_labelled(totals, "dollars@model:"),
         monthly=_monthly(totals, settings, window_s),
         recommendations=[],
     )
@@ -259,7 +261,10 @@ def _spot_batch(report: CostReport, settings: Settings) -> Recommendation | None
     """Batch traffic tolerates a worker vanishing (its request is redelivered), so it can run
     on spot capacity."""
     spent = sum(report.by_topic_usd.values())
-    batch = sum(v for t, v in report.by_topic_usd.items() if t != settings.requests_topic)
+    # Each model pool's batch topic is the default one's name with the model's slug appended.
+    batch = sum(
+        v for t, v in report.by_topic_usd.items() if t.startswith(settings.batch_requests_topic)
+    )
     if settings.spot_discount > 0 or batch <= 0 or spent <= 0:
         return None
     share = batch / spent

@@ -79,13 +79,18 @@ def test_batch_traffic_on_demand_is_told_to_use_spot(services: Services) -> None
     t = totals(
         requests=100,
         **{
-            f"dollars@topic:{settings.requests_topic}": 0.25,
-            "dollars@topic:sluice.batch.requests": 0.75,
+            f"dollars@topic:{settings.requests_topic}": 0.15,
+            # Another model pool's interactive topic is not batch traffic; its batch topic is.
+            f"dollars@topic:{settings.requests_topic}.tiny": 0.10,
+            f"dollars@topic:{settings.batch_requests_topic}.tiny": 0.75,
             "dollars@tenant:default": 1.0,
+            f"dollars@model:{settings.model}": 0.15,
+            "dollars@model:tiny": 0.85,
         },
     )
     r = cost.build_report(t, settings, window_s=HOUR)
     assert r.by_tenant_usd == {"default": 1.0}
+    assert r.by_model_usd == {settings.model: 0.15, "tiny": 0.85}
     (rec,) = r.recommendations
     assert rec.id == "spot_for_batch"
     assert rec.monthly_saving_usd == pytest.approx(730 * 0.75 * 0.6)

@@ -501,6 +501,7 @@ class Worker:
                 self.ledger,
                 topic=running.claim.topic,
                 tenant=tenant,
+                model=self.settings.model,
                 prompt_tokens=progress.prompt_tokens,
                 completion_tokens=progress.completion_tokens,
                 seconds=seconds,

@@ -34,6 +34,7 @@ def add_request(
     *,
     topic: str,
     tenant: str,
+    model: str,
     prompt_tokens: int,
     completion_tokens: int,
     seconds: float,
@@ -45,6 +46,7 @@ def add_request(
     ledger.add("completion_tokens", completion_tokens)
     ledger.add("dollars", dollars)
     ledger.add(f"dollars@topic:{topic}", dollars)
+    ledger.add(f"dollars@model:{model}", dollars)
     ledger.add(f"dollars@tenant:{tenant}", dollars)
     # A tenant's own view (`GET /usage`): its requests and tokens, beside its dollars.
     ledger.add(f"requests@tenant:{tenant}", 1)
