@@ -21,7 +21,7 @@ from api.auth import ANONYMOUS, Caller, bind
 from api.errors import invalid_field, unavailable
 from api.idempotency import Idempotency, Key
 from api.ratelimit import RateLimiter
-from api.routing import Router
+from api.routing import Router, Served
 from api.schemas import GenerateBody, GenerateResponse
 from api.streaming import (
     Clock,
@@ -186,14 +186,16 @@ class GenerateHandler:
         )
         return Validated(message, n_prompt)
 
-    async def _submit(self, message: GenerationRequest, caller: Caller) -> asyncio.Queue[Event]:
-        """Listen first, then enqueue: the first token can never beat the subscription."""
+    async def _submit(
+        self, message: GenerationRequest, caller: Caller, pool: Served
+    ) -> asyncio.Queue[Event]:
+        """Listen first, then enqueue on the pool's topic: the first token can never beat the
+        subscription."""
         rid = message.request_id
         queue = await self.hub.open(rid)
         traceparent = self.tracer.start(rid, caller.traceparent, name="sluice.api.request")
         self.tracer.hop(rid, tracing.API_ACCEPTED)
         try:
-            pool = await self.router.get(message.model)
             sent = await self.producer.send_and_wait(
                 pool.settings.requests_topic,
                 value=message.model_dump_json().encode(),
@@ -268,10 +270,11 @@ class GenerateHandler:
         """Enqueue the request; its events up to the terminal one. Enqueue failures raise here,
         before any response starts. The caller ends with `release`."""
         clock = Clock(time.monotonic())
-        await self._admit(request, caller)
         message = request.message
+        pool = await self.router.get(message.model)  # to_message checked that it is served
+        await self._admit(request, caller, pool)
         try:
-            queue = await self._submit(message, caller)
+            queue = await self._submit(message, caller, pool)
         except BaseException:
             self.router.release(message.request_id)
             raise
@@ -279,7 +282,6 @@ class GenerateHandler:
         if message.deadline is not None:
             timeout = message.deadline - message.enqueued_at
         mark = functools.partial(self.tracer.hop, message.request_id)
-        pool = await self.router.get(message.model)
         waiting = pool.admission.waiting
         source = events(queue, clock, timeout + DEADLINE_GRACE_S, mark=mark, waiting=waiting)
         return Relay(message.request_id, queue, source, keep=keep)
@@ -292,17 +294,16 @@ class GenerateHandler:
             self.router.release(request_id)
         return others
 
-    async def _admit(self, request: Validated, caller: Caller) -> None:
-        """By key first (its rate limits), then by capacity, which so counts only requests
-        their key allowed: a key over its limit cannot fill the queue for everyone. A request
-        the capacity check refuses costs its key no quota. Then the id is bound to the caller,
-        for the routes that act on a request id (`api.auth.owns`)."""
+    async def _admit(self, request: Validated, caller: Caller, pool: Served) -> None:
+        """By key first (its rate limits), then by its pool's capacity, which so counts only
+        requests their key allowed: a key over its limit cannot fill the queue for everyone. A
+        request the capacity check refuses costs its key no quota. Then the id is bound to the
+        caller, for the routes that act on a request id (`api.auth.owns`)."""
         message = request.message
         rid = message.request_id
         tokens = request.prompt_tokens + message.sampling.max_tokens
         await self.limiter.admit(caller, rid, tokens)
         try:
-            pool = await self.router.get(message.model)
             await pool.admission.check(caller.tenant, rid)
         except HTTPException:
             with contextlib.suppress(RedisError):
