@@ -52,7 +52,8 @@ monitoring-check:
 # it, the Compose specification validates docker-compose.yml, hadolint lints the Dockerfiles.
 # Those tools come with the dev extra (PyPI); promtool and shellcheck are Debian packages.
 # tests/test_deploy.py checks the rest (KEDA's CRD schema, settings, probes, scripts).
-KUSTOMIZATIONS := deploy/kubernetes/overlays/cpu deploy/kubernetes/overlays/gpu deploy/kubernetes/kafka
+KUSTOMIZATIONS := deploy/kubernetes/overlays/cpu deploy/kubernetes/overlays/gpu deploy/kubernetes/kafka \
+	deploy/kubernetes/overlays/gpu-pools deploy/kubernetes/overlays/gpu-pools/kafka
 deploy-check: install
 	@command -v promtool >/dev/null && command -v shellcheck >/dev/null || { \
 		echo "installing Debian's prometheus (promtool) and shellcheck"; \

@@ -13,6 +13,8 @@ engine, and no Kubernetes cluster). What is checked:
   health checks, no model weights in the API image);
 - settings named anywhere are real SLUICE_* settings; partition counts, consumer groups, ports,
   probes, the drain vs the grace period and the autoscaling numbers agree with shared/settings.py;
+- each model of a catalog (SLUICE_MODELS, overlays/gpu-pools) has its pool: a worker Deployment
+  like the default one, a ScaledObject on its topics, its topics and the ACLs its services need;
 - the health-check and topic-creation scripts do what they say (run against fakes here);
 - Prometheus configs and the adapter's PromQL parse (promtool), shell scripts pass shellcheck.
 """
@@ -30,11 +32,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 
-from shared import metrics
+from shared import metrics, pools
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +51,13 @@ KUSTOMIZATIONS = {
     "cpu": K8S / "overlays" / "cpu",
     "gpu": K8S / "overlays" / "gpu",
     "kafka": K8S / "kafka",
+    # The gpu overlay with one more model pool, and its Kafka side (docs/DEPLOYMENT.md)
+    "gpu-pools": K8S / "overlays" / "gpu-pools",
+    "gpu-pools-kafka": K8S / "overlays" / "gpu-pools" / "kafka",
 }
+# Each workload overlay and the Kafka kustomization applied with it
+KAFKA_OF = {"cpu": "kafka", "gpu": "kafka", "gpu-pools": "gpu-pools-kafka"}
+WORKLOADS = sorted(KAFKA_OF)
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 CUSTOM_GROUPS = ("keda.sh/", "kafka.strimzi.io/")
 # The defaults as declared, whatever SLUICE_* variables the test run has (no env, no .env).
@@ -57,9 +66,9 @@ DEFAULTS = Settings.model_construct()
 SETTINGS = {f"SLUICE_{name.upper()}" for name in Settings.model_fields} | {"SLUICE_SECRETS_DIR"}
 
 
-def code_topics() -> dict[str, int]:
-    """The topics and partition counts shared/kafka.py ensure_topics() creates, captured with a
-    stand-in admin client: the deployment files must create exactly these."""
+def code_topics(settings: Settings = DEFAULTS) -> dict[str, int]:
+    """The topics and partition counts shared/kafka.py ensure_topics() creates with `settings`,
+    captured with a stand-in admin client: the deployment files must create exactly these."""
     import asyncio
 
     from shared import kafka
@@ -84,11 +93,13 @@ def code_topics() -> dict[str, int]:
 
     real = kafka.AIOKafkaAdminClient
     kafka.AIOKafkaAdminClient = Admin  # type: ignore[assignment,misc]
+    # Nothing connects: no TLS context (a pod's CA file is not here).
+    plain = settings.model_copy(update={"kafka_security_protocol": "PLAINTEXT"})
     try:
-        asyncio.run(kafka.ensure_topics(DEFAULTS))
+        asyncio.run(kafka.ensure_topics(plain))
     finally:
         kafka.AIOKafkaAdminClient = real  # type: ignore[misc]
-    assert made[DEFAULTS.requests_topic] == DEFAULTS.requests_partitions
+    assert made[settings.requests_topic] == settings.requests_partitions
     return made
 
 
@@ -146,12 +157,40 @@ def pod_env(overlay: str, deployment: str) -> dict[str, str]:
     return env
 
 
+def env_settings(env: dict[str, str]) -> Settings:
+    """The settings a process with exactly this environment reads (JSON values parsed)."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def worker_args(deployment: dict[str, Any]) -> list[str] | None:
+    """The `sluice worker ...` arguments of a worker Deployment; None for other Deployments."""
+    [container] = containers(deployment).values()
+    args = container.get("args", [])
+    return args if args[:1] == ["worker"] else None
+
+
+def pool_model(deployment: dict[str, Any]) -> str | None:
+    """The catalog model a worker serves (`worker --model NAME`); None: the default model."""
+    args = worker_args(deployment) or []
+    return args[args.index("--model") + 1] if "--model" in args else None
+
+
+def worker_deployments(overlay: str) -> dict[str, dict[str, Any]]:
+    return {n: d for n, d in objects(overlay, "Deployment").items() if worker_args(d)}
+
+
+def pool_deployments(overlay: str) -> dict[str, dict[str, Any]]:
+    """The catalog's pools: worker Deployments started with `--model`."""
+    return {n: d for n, d in worker_deployments(overlay).items() if pool_model(d)}
+
+
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_kustomization_renders(name: str) -> None:
     kinds = {d["kind"] for d in render(name)}
     expected = (
         {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser"}
-        if name == "kafka"
+        if name in KAFKA_OF.values()
         else {
             "Namespace", "ConfigMap", "Secret", "Deployment", "StatefulSet", "Service",
             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject",
@@ -172,7 +211,7 @@ def test_builtin_objects_validate_against_kubernetes_schemas(name: str, version:
             continue  # CRDs: KEDA below; Strimzi in test_strimzi_resources
         kubernetes_validate.validate(doc, version, strict=True)
         checked += 1
-    assert checked or name == "kafka"
+    assert checked or name in KAFKA_OF.values()
 
 
 def test_kubernetes_validation_is_strict() -> None:
@@ -188,7 +227,7 @@ def test_kubernetes_validation_is_strict() -> None:
 
 
 def test_everything_lands_in_one_namespace() -> None:
-    for overlay in ("cpu", "gpu"):
+    for overlay in KUSTOMIZATIONS:
         for doc in render(overlay):
             if doc["kind"] != "Namespace":
                 assert doc["metadata"].get("namespace") == "sluice", doc["metadata"]["name"]
@@ -197,7 +236,7 @@ def test_everything_lands_in_one_namespace() -> None:
 def test_references_resolve() -> None:
     """Services, PDBs, the HPA and the ScaledObjects point at what exists; pods read the
     generated (hash-suffixed) ConfigMap and Secret."""
-    for overlay in ("cpu", "gpu"):
+    for overlay in WORKLOADS:
         deployments = objects(overlay, "Deployment")
         workloads = {**deployments, **objects(overlay, "StatefulSet")}
         pod_labels = {
@@ -234,7 +273,7 @@ def test_references_resolve() -> None:
 def test_setting_names_are_real_settings() -> None:
     """A misspelt SLUICE_* variable is silently ignored by the app: catch it here."""
     names: dict[str, set[str]] = {}
-    for overlay in ("cpu", "gpu"):
+    for overlay in WORKLOADS:
         names[f"{overlay} ConfigMap"] = {
             k for k in settings_map(overlay) if k.startswith("SLUICE_")
         }
@@ -271,10 +310,10 @@ def keda_check(doc: dict[str, Any]) -> None:
     assert again == doc, "fields the KEDA CRD does not define were dropped"
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_scaledobjects_validate_against_keda_crd_schema(overlay: str) -> None:
     scaled = objects(overlay, "ScaledObject")
-    assert set(scaled) == {"sluice-worker", "sluice-batch-worker"}
+    assert set(scaled) == {"sluice-worker", "sluice-batch-worker", *pool_deployments(overlay)}
     for doc in scaled.values():
         keda_check(doc)
 
@@ -294,8 +333,11 @@ def test_keda_validation_is_strict() -> None:
 
 
 def test_autoscaling_numbers_follow_the_settings() -> None:
-    topics = {t["spec"]["topicName"]: t["spec"] for t in objects("kafka", "KafkaTopic").values()}
-    for overlay in ("cpu", "gpu"):
+    for overlay in WORKLOADS:
+        topics = {
+            t["spec"]["topicName"]: t["spec"]
+            for t in objects(KAFKA_OF[overlay], "KafkaTopic").values()
+        }
         scaled = objects(overlay, "ScaledObject")
         interactive = scaled["sluice-worker"]["spec"]
         batch = scaled["sluice-batch-worker"]["spec"]
@@ -382,7 +424,7 @@ def test_adapter_query_parses(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ workloads
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_probes(overlay: str) -> None:
     deployments = objects(overlay, "Deployment")
     api = containers(deployments["sluice-api"])["api"]
@@ -390,9 +432,10 @@ def test_probes(overlay: str) -> None:
     assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert api["startupProbe"]["httpGet"]["path"] == "/health"
     assert api["ports"][0]["containerPort"] == int(settings_map(overlay)["SLUICE_PORT"])
+    workers = worker_deployments(overlay)
+    assert {"sluice-worker", "sluice-batch-worker"} <= set(workers)
     ports = {
-        "sluice-worker": DEFAULTS.worker_metrics_port,
-        "sluice-batch-worker": DEFAULTS.worker_metrics_port,
+        **{name: DEFAULTS.worker_metrics_port for name in workers},
         "sluice-ingestion": DEFAULTS.ingestion_metrics_port,
     }
     for name, port in ports.items():
@@ -400,7 +443,7 @@ def test_probes(overlay: str) -> None:
         assert c["ports"][0]["containerPort"] == port
         for probe in ("livenessProbe", "readinessProbe"):
             assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    for name in ("sluice-worker", "sluice-batch-worker"):
+    for name in workers:
         [c] = containers(deployments[name]).values()
         # Ready only once the engine is up: the check that looks for vLLM's metrics.
         assert c["startupProbe"]["exec"]["command"] == ["sluice-healthcheck", "worker"]
@@ -408,12 +451,12 @@ def test_probes(overlay: str) -> None:
         assert budget >= 600  # a 7B model download and load
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_grace_period_covers_the_drain(overlay: str) -> None:
     drain = float(settings_map(overlay)["SLUICE_DRAIN_TIMEOUT_S"])
     assert drain == DEFAULTS.drain_timeout_s
-    for name in ("sluice-worker", "sluice-batch-worker"):
-        spec = objects(overlay, "Deployment")[name]["spec"]["template"]["spec"]
+    for d in worker_deployments(overlay).values():
+        spec = d["spec"]["template"]["spec"]
         # Drain, then commit, leave the group and stop the engine: at least 15 s more.
         assert spec["terminationGracePeriodSeconds"] >= drain + 15
     compose = yaml.safe_load(COMPOSE.read_text())
@@ -422,7 +465,7 @@ def test_grace_period_covers_the_drain(overlay: str) -> None:
         assert int(grace.rstrip("s")) >= drain + 15
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_pods_run_as_non_root_with_limits(overlay: str) -> None:
     workloads = {**objects(overlay, "Deployment"), **objects(overlay, "StatefulSet")}
     for name, d in workloads.items():
@@ -486,14 +529,168 @@ def test_the_api_never_gets_model_files_from_its_image() -> None:
     assert settings_map("cpu")["SLUICE_MODEL_CACHE_DIR"] == "/models"
 
 
+# ----------------------------------------------------------------------------- model pools
+
+
+def overlay_settings(overlay: str) -> Settings:
+    """The settings every pod of the overlay starts from: its ConfigMap, parsed for real."""
+    return env_settings(settings_map(overlay))
+
+
+def served(overlay: str) -> list[Settings]:
+    """The settings of each model's pool, the default first: what the API and the workers use."""
+    settings = overlay_settings(overlay)
+    return [pools.pool_settings(settings, name) for name in pools.names(settings)]
+
+
+def without(doc: Any, names: set[str]) -> Any:
+    """`doc` with `names` taken out of every list in it."""
+    if isinstance(doc, dict):
+        return {k: without(v, names) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [without(v, names) for v in doc if not (isinstance(v, str) and v in names)]
+    return doc
+
+
+def test_the_catalog_changes_nothing_for_the_default_pool() -> None:
+    """gpu-pools is the gpu overlay plus pools: the same settings but SLUICE_MODELS, which the
+    API (it routes by `model` to the pools listed) and every worker read from that one
+    ConfigMap; every object of the gpu overlay unchanged, but the network policies, which name
+    the pools' pods too."""
+    gpu, pooled = settings_map("gpu"), settings_map("gpu-pools")
+    assert "SLUICE_MODELS" not in gpu and "SLUICE_MODELS" in pooled
+    assert {k: v for k, v in pooled.items() if k != "SLUICE_MODELS"} == gpu
+    assert overlay_settings("gpu-pools").models
+    for name, deployment in objects("gpu-pools", "Deployment").items():
+        for c in containers(deployment).values():
+            assert "SLUICE_MODELS" not in {e["name"] for e in c.get("env", [])}, name
+    for overlay in ("gpu", "gpu-pools"):
+        for d in objects(overlay, "Deployment").values():
+            assert [
+                source["configMapRef"]["name"]
+                for c in containers(d).values()
+                for source in c["envFrom"]
+                if "configMapRef" in source
+            ] == [next(iter(objects(overlay, "ConfigMap")))]
+
+    def comparable(overlay: str) -> dict[tuple[str, str], Any]:
+        [configmap] = objects(overlay, "ConfigMap")
+        text = yaml.safe_dump_all([d for d in render(overlay) if d["kind"] != "ConfigMap"]).replace(
+            configmap, "sluice-settings"
+        )
+        return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(text)}
+
+    before, after = comparable("gpu"), comparable("gpu-pools")
+    added = set(pool_deployments("gpu-pools"))
+    assert set(after) - set(before) == {
+        (kind, name)
+        for name in added
+        for kind in ("Deployment", "Service", "PodDisruptionBudget", "ScaledObject")
+    }
+    for key, doc in before.items():
+        assert without(after[key], added) == doc, key
+
+
+def like_the_default_worker(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A worker Deployment less what a pool may differ in: names and labels, the model argument,
+    its resources and the size of its model download."""
+    d = yaml.safe_load(yaml.safe_dump(deployment))
+    del d["metadata"], d["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"]
+    pod = d["spec"]["template"]["spec"]
+    for constraint in pod["topologySpreadConstraints"]:
+        del constraint["labelSelector"]
+    [c] = pod["containers"]
+    del c["args"], c["resources"]
+    pod["volumes"] = {v.pop("name"): v for v in pod["volumes"]}  # the gpu overlay reorders them
+    del pod["volumes"]["models"]["emptyDir"]["sizeLimit"]
+    return d
+
+
+def test_each_catalog_model_has_its_pool() -> None:
+    """For every model of the overlay's catalog, parsed with the real Settings: a worker
+    Deployment that runs `sluice worker --model NAME` and is otherwise the default worker (same
+    image, users, probes, grace period, security context, volumes, GPU nodes), its metrics
+    Service and PDB, and a ScaledObject that may scale it to zero and wakes it on any lag of
+    exactly the topics and groups shared/pools.py gives the pool."""
+    overlay = "gpu-pools"
+    settings = overlay_settings(overlay)
+    deployments = pool_deployments(overlay)
+    assert sorted(map(pool_model, deployments.values())) == sorted(settings.models)
+    default = objects(overlay, "Deployment")["sluice-worker"]
+    services = objects(overlay, "Service")
+    pdbs = objects(overlay, "PodDisruptionBudget")
+    scaled = objects(overlay, "ScaledObject")
+    topics = {
+        t["spec"]["topicName"]: t["spec"]["partitions"]
+        for t in objects(KAFKA_OF[overlay], "KafkaTopic").values()
+    }
+    for name, deployment in deployments.items():
+        model = pool_model(deployment)
+        assert model is not None
+        assert name == f"sluice-worker-{pools.slug(model)}"
+        assert worker_args(deployment) == ["worker", "--model", model]
+        # What the worker runs with: its pod's environment, then its pool's (workers/main.py).
+        pool = pools.pool_settings(env_settings(pod_env(overlay, name)), model)
+        assert pool.model == model and pool.requests_topic != settings.requests_topic
+        # Both feeds: the batch trigger below wakes this pool for its batch topic.
+        assert pool.worker_feeds == "all"
+
+        selector = {"app.kubernetes.io/name": name}
+        assert deployment["spec"]["selector"]["matchLabels"] == selector
+        assert pod_labels(deployment) == {**selector, "app.kubernetes.io/component": "worker"}
+        pod = deployment["spec"]["template"]["spec"]
+        assert [c["labelSelector"] for c in pod["topologySpreadConstraints"]] == [
+            {"matchLabels": selector}
+        ]
+        assert like_the_default_worker(deployment) == like_the_default_worker(default)
+        [c] = containers(deployment).values()
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+        service = services[name]["spec"]
+        assert service["clusterIP"] == "None" and service["selector"] == selector
+        assert service["ports"] == services["sluice-worker"]["spec"]["ports"]
+        assert pdbs[name]["spec"]["selector"]["matchLabels"] == selector
+        assert pdbs[name]["spec"]["maxUnavailable"] == 1
+
+        spec = scaled[name]["spec"]
+        assert spec["scaleTargetRef"] == {"name": name}
+        assert spec["minReplicaCount"] == 0  # it may sleep
+        assert spec["maxReplicaCount"] <= topics[pool.requests_topic] == pool.requests_partitions
+        interactive, batch = spec["triggers"]
+        watched = [
+            (t["metadata"]["topic"], t["metadata"]["consumerGroup"]) for t in (interactive, batch)
+        ]
+        assert watched == [
+            (pool.requests_topic, pool.consumer_group),
+            (pool.batch_requests_topic, pool.batch_consumer_group),
+        ]
+        for trigger in (interactive, batch):
+            meta = trigger["metadata"]
+            assert trigger["type"] == "kafka"
+            # Woken by any lag: nobody else serves these topics.
+            assert meta["activationLagThreshold"] == "0"
+            # A group that never committed (a pool that never ran) has the whole topic as lag.
+            assert meta["offsetResetPolicy"] == "earliest"
+            assert meta["scaleToZeroOnInvalidOffset"] == "false"
+            assert meta["allowIdleConsumers"] == "false"
+        assert interactive["metadata"]["lagThreshold"] == str(pool.max_num_seqs)
+        # Batch lines wake one worker per largest batch: they never scale the pool out.
+        assert batch["metadata"]["lagThreshold"] == str(pool.max_batch_lines)
+
+
 # ---------------------------------------------------------------------------------- Kafka
 
 
-def test_strimzi_resources() -> None:
+@pytest.mark.parametrize(
+    ("workloads", "name"), [("gpu", "kafka"), ("gpu-pools", "gpu-pools-kafka")]
+)
+def test_strimzi_resources(workloads: str, name: str) -> None:
     """No Strimzi CRD schema installs from the registries here: check the structure, and the
-    topics against what the code's ensure_topics() would create."""
-    [kafka] = objects("kafka", "Kafka").values()
-    [pool] = objects("kafka", "KafkaNodePool").values()
+    topics against what the code's ensure_topics() would create for every model served (the
+    API ensures each pool's topics at start)."""
+    [kafka] = objects(name, "Kafka").values()
+    [pool] = objects(name, "KafkaNodePool").values()
     assert kafka["apiVersion"] == pool["apiVersion"] == "kafka.strimzi.io/v1beta2"
     assert pool["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
     assert set(pool["spec"]["roles"]) == {"controller", "broker"}
@@ -507,13 +704,17 @@ def test_strimzi_resources() -> None:
     config = kafka["spec"]["kafka"]["config"]
     assert config["auto.create.topics.enable"] is False
     replicas = pool["spec"]["replicas"]
-    topics = {t["spec"]["topicName"]: t for t in objects("kafka", "KafkaTopic").values()}
+    topics = {t["spec"]["topicName"]: t for t in objects(name, "KafkaTopic").values()}
     for t in topics.values():
         assert t["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
         assert t["spec"]["replicas"] <= replicas
         assert int(t["spec"]["config"]["min.insync.replicas"]) < t["spec"]["replicas"]
-    expected = code_topics()
-    assert {name: t["spec"]["partitions"] for name, t in topics.items()} == expected
+    expected: dict[str, int] = {}
+    for settings in served(workloads):
+        expected |= code_topics(settings)
+    assert {topic: t["spec"]["partitions"] for topic, t in topics.items()} == expected
+    if name == "kafka":
+        assert expected == code_topics()
     env = settings_map("gpu")
     assert int(env["SLUICE_REQUESTS_PARTITIONS"]) == DEFAULTS.requests_partitions
     assert int(env["SLUICE_INGEST_PARTITIONS"]) == DEFAULTS.ingest_partitions
@@ -530,33 +731,38 @@ SERVICE_OF = {  # Deployment -> whose Kafka and Redis users it runs as
 }
 
 
+def service_of(overlay: str) -> dict[str, str]:
+    """SERVICE_OF, and the catalog's pools, whose workers run as the workers' users."""
+    return {**SERVICE_OF, **dict.fromkeys(pool_deployments(overlay), "worker")}
+
+
 def secret_ref(container: dict[str, Any], name: str) -> tuple[str, str]:
     [entry] = [e for e in container["env"] if e["name"] == name]
     ref = entry["valueFrom"]["secretKeyRef"]
     return ref["name"], ref["key"]
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_every_service_logs_in_to_kafka_and_redis_as_its_own_user(overlay: str) -> None:
     """Kafka only over TLS with SCRAM, as the KafkaUser of the process's own service, its
     password from the Secret Strimzi makes for that user; Redis as the service's ACL user
     (shared/redis_acl.py), its password from sluice-redis-passwords."""
     from shared import redis_acl
 
-    [kafka] = objects("kafka", "Kafka").values()
+    [kafka] = objects(KAFKA_OF[overlay], "Kafka").values()
     listeners = kafka["spec"]["kafka"]["listeners"]
     assert all(lst["tls"] and lst["authentication"]["type"] == "scram-sha-512" for lst in listeners)
     assert kafka["spec"]["kafka"]["authorization"]["type"] == "simple"
-    users = objects("kafka", "KafkaUser")
+    users = objects(KAFKA_OF[overlay], "KafkaUser")
     settings = settings_map(overlay)
     [port] = [lst["port"] for lst in listeners]
     assert settings["SLUICE_KAFKA"].endswith(f":{port}")
     assert settings["SLUICE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
     assert settings["SLUICE_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
     deployments = objects(overlay, "Deployment")
-    assert set(deployments) == set(SERVICE_OF)
+    assert set(deployments) == set(service_of(overlay))
     for name, deployment in deployments.items():
-        service = SERVICE_OF[name]
+        service = service_of(overlay)[name]
         [container] = containers(deployment).values()
         env = pod_env(overlay, name)
         assert env["SLUICE_KAFKA_SASL_USERNAME"] == f"sluice-{service}" in users
@@ -621,6 +827,66 @@ def test_kafka_users_may_do_only_what_their_service_does() -> None:
     assert all(topic.startswith("sluice.") for topic in code_topics())
 
 
+def test_each_pools_services_may_use_its_topics_and_nothing_else_changes() -> None:
+    """The pools' Kafka side (overlays/gpu-pools/kafka) is ../kafka plus, per pool of the
+    catalog: the API writes its requests and batch topics, the workers' user reads them in the
+    pool's groups and dead-letters to its DLQs, KEDA describes the groups its ScaledObject
+    watches. Nothing else is granted or changed, and the listener admits the pools' pods."""
+    extra = served("gpu-pools")[1:]
+    assert extra
+    base = {name: acls(u) for name, u in objects("kafka", "KafkaUser").items()}
+    users = {name: acls(u) for name, u in objects("gpu-pools-kafka", "KafkaUser").items()}
+    assert set(users) == set(base)
+    assert users["sluice-api"] == base["sluice-api"] | {
+        (kind, topic, "Write")
+        for p in extra
+        for kind, topic in (("topic", p.requests_topic), ("topic", p.batch_requests_topic))
+    }
+    assert users["sluice-worker"] == base["sluice-worker"] | {
+        acl
+        for p in extra
+        for acl in (
+            ("topic", p.requests_topic, "Read"), ("topic", p.batch_requests_topic, "Read"),
+            ("group", p.consumer_group, "Read"), ("group", p.batch_consumer_group, "Read"),
+            ("topic", p.dlq_topic, "Write"), ("topic", p.batch_dlq_topic, "Write"),
+        )
+    }  # fmt: skip
+    assert users["sluice-ingestion"] == base["sluice-ingestion"]
+    assert users["sluice-keda"] == base["sluice-keda"] | {
+        ("group", group, "Describe")
+        for p in extra
+        for group in (p.consumer_group, p.batch_consumer_group)
+    }
+    # The shared Describe prefix covers the pools' topics too.
+    assert all(topic.startswith("sluice.") for p in extra for topic in code_topics(p))
+    # The rest of ../kafka as it is; the listener's peers name the pools' pods as well.
+    added = set(pool_deployments("gpu-pools"))
+    for kind in ("Kafka", "KafkaNodePool", "KafkaTopic"):
+        before, after = objects("kafka", kind), objects("gpu-pools-kafka", kind)
+        for name, doc in before.items():
+            assert without(after[name], added) == doc, name
+
+
+@pytest.mark.parametrize("overlay", WORKLOADS)
+def test_keda_describes_exactly_the_groups_it_watches(overlay: str) -> None:
+    """KEDA's Kafka user may read the lag of the groups its ScaledObjects watch, no others, and
+    every topic a user may use by its literal name is a topic that exists."""
+    users = objects(KAFKA_OF[overlay], "KafkaUser")
+    watched = {
+        trigger["metadata"]["consumerGroup"]
+        for so in objects(overlay, "ScaledObject").values()
+        for trigger in so["spec"]["triggers"]
+    }
+    keda = acls(users["sluice-keda"])
+    assert {name for kind, name, _ in keda if kind == "group"} == watched
+    assert {op for kind, _, op in keda if kind == "group"} == {"Describe"}
+    topics = {t["spec"]["topicName"] for t in objects(KAFKA_OF[overlay], "KafkaTopic").values()}
+    for user in users.values():
+        for kind, name, _ in acls(user):
+            if kind == "topic" and not name.endswith("*"):
+                assert name in topics, (user["metadata"]["name"], name)
+
+
 def test_a_batch_tenant_submits_and_reads_only_its_own_results() -> None:
     """The example tenant (kafka/tenant-example.yaml): it writes batch requests, reads its own
     results topic, the one the worker writes its results to, and nothing else; workers require
@@ -639,7 +905,7 @@ def test_a_batch_tenant_submits_and_reads_only_its_own_results() -> None:
     assert settings_map("gpu")["SLUICE_BATCH_REQUIRE_SIGNATURE"] == "true"
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_keda_authenticates_as_its_kafka_user(overlay: str) -> None:
     from cloudcoil.models.keda.v1alpha1 import TriggerAuthentication
 
@@ -662,12 +928,81 @@ def test_keda_authenticates_as_its_kafka_user(overlay: str) -> None:
         assert refs[name] == ("sluice-keda-kafka", name)
     port = settings_map(overlay)["SLUICE_KAFKA"].rsplit(":", 1)[1]
     for so in objects(overlay, "ScaledObject").values():
-        [trigger] = so["spec"]["triggers"]
-        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-        assert trigger["metadata"]["bootstrapServers"].endswith(f":{port}")
+        for trigger in so["spec"]["triggers"]:
+            assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+            assert trigger["metadata"]["bootstrapServers"].endswith(f":{port}")
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, `In` expressions) selects pods with `labels`."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In"
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("overlay", WORKLOADS)
+def test_every_sluice_pod_reaches_dns_redis_and_kafka(overlay: str) -> None:
+    """The policies name Sluice's pods on both sides of each flow: a Deployment left out of one
+    list (a new pool's, say) cannot resolve, send to Redis or Kafka, or is not let in there
+    (Redis' ingress policy, the Kafka listener's networkPolicyPeers that Strimzi turns into
+    its own policy)."""
+    policies = list(objects(overlay, "NetworkPolicy").values())
+    [kafka] = objects(KAFKA_OF[overlay], "Kafka").values()
+    [listener] = kafka["spec"]["kafka"]["listeners"]
+    brokers = {"strimzi.io/cluster": kafka["metadata"]["name"]}
+    redis = pod_labels(objects(overlay, "StatefulSet")["redis"])
+    redis_in = [
+        rule
+        for p in policies
+        if selects(p["spec"]["podSelector"], redis)
+        for rule in p["spec"].get("ingress", [])
+    ]
+
+    def on(rule: dict[str, Any], port: int, protocol: str = "TCP") -> bool:
+        return {"protocol": protocol, "port": port} in rule.get("ports", [])
+
+    for name, deployment in objects(overlay, "Deployment").items():
+        labels = pod_labels(deployment)
+        egress = [
+            rule
+            for p in policies
+            if selects(p["spec"]["podSelector"], labels)
+            for rule in p["spec"].get("egress", [])
+        ]
+
+        def sends(to: dict[str, str], port: int, egress: list[Any] = egress) -> bool:
+            return any(
+                on(rule, port)
+                and any(set(peer) == {"podSelector"} and selects(peer["podSelector"], to)
+                        for peer in rule.get("to", []))
+                for rule in egress
+            )  # fmt: skip
+
+        assert sends(redis, 6379) and sends(brokers, listener["port"]), name
+        kube_system = {"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "kube-system"}}}  # fmt: skip
+        assert any(on(r, 53, "UDP") and kube_system in r.get("to", []) for r in egress), name
+        assert any(
+            on(rule, 6379)
+            and any(set(peer) == {"podSelector"} and selects(peer["podSelector"], labels)
+                    for peer in rule.get("from", []))
+            for rule in redis_in
+        ), name  # fmt: skip
+        assert any(
+            set(peer) == {"podSelector"} and selects(peer["podSelector"], labels)
+            for peer in listener["networkPolicyPeers"]
+        ), name
+
+
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_network_policies_deny_by_default_and_open_each_pods_own_ports(overlay: str) -> None:
     """Every Sluice pod is under the default deny, and what is let in is exactly the ports
     its containers serve on (clients and Prometheus; Redis for Sluice's pods only)."""
@@ -675,14 +1010,7 @@ def test_network_policies_deny_by_default_and_open_each_pods_own_ports(overlay: 
     workloads = {**objects(overlay, "Deployment"), **objects(overlay, "StatefulSet")}
 
     def selected(policy: dict[str, Any], labels: dict[str, str]) -> bool:
-        selector = policy["spec"]["podSelector"]
-        if not selector.get("matchLabels", {}).items() <= labels.items():
-            return False
-        for e in selector.get("matchExpressions", []):
-            assert e["operator"] == "In"
-            if labels.get(e["key"]) not in e["values"]:
-                return False
-        return True
+        return selects(policy["spec"]["podSelector"], labels)
 
     deny = policies["sluice-default-deny"]
     assert (
@@ -706,7 +1034,7 @@ def test_network_policies_deny_by_default_and_open_each_pods_own_ports(overlay: 
         assert opened == served, name
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_worker_metrics_name_tenants_only_to_prometheus(overlay: str) -> None:
     """`sluice_cost_dollars{tenant=...}` was served on 0.0.0.0 to anyone who reached a worker.
     Locally the metrics port is on loopback; in a pod on the pod network, where only the
@@ -738,7 +1066,7 @@ def test_worker_metrics_name_tenants_only_to_prometheus(overlay: str) -> None:
         assert "ports" not in compose["services"][name], name
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", WORKLOADS)
 def test_api_replicas_share_the_batch_apis_files(overlay: str) -> None:
     """A batch's output is written by whichever API replica finalizes it and read through any:
     SLUICE_FILES_DIR is one ReadWriteMany volume for all of them (a volume in compose)."""
