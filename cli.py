@@ -12,7 +12,7 @@ sluice batch submit FILE.jsonl [--wait] | collect [--ids F.ids] [--out F.jsonl] 
 sluice trace REQUEST_ID [--json]   every hop of one request: when and where it waited
 sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
 sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv,
-                             rag, cost, flood, priority, failover, first-step
+                             rag, cost, flood, priority, failover, first-step, affinity
                              (docs/BENCHMARKS.md; `sluice bench NAME --help`)
 """
 
@@ -312,7 +312,7 @@ async def _keys_action(args: argparse.Namespace, redis: Redis, settings: Setting
 
 BENCHMARKS = (
     "serving", "engines", "precision", "prefix", "kv", "rag", "cost", "flood", "priority",
-    "failover", "first-step",
+    "failover", "first-step", "affinity",
 )  # fmt: skip
 
 

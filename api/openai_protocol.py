@@ -95,7 +95,8 @@ class _Request(BaseModel):
     # vLLM's extensions (the openai client sends them in `extra_body`)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=16)
-    # OpenAI's end-user id: accepted, not used (the tenant comes from the API key).
+    # OpenAI's end-user id: the key its requests go to Kafka with, so a conversation meets the
+    # worker that has it cached (api/affinity.py); the tenant still comes from the API key.
     user: str | None = Field(None, max_length=256)
 
     @field_validator("stream_options")

@@ -246,6 +246,7 @@ class OpenAIHandler:
             "frequency_penalty": body.frequency_penalty,
             "repetition_penalty": body.repetition_penalty,
             "stop_token_ids": body.stop_token_ids,
+            "user": body.user or None,
         }
         sampling = {k: v for k, v in given.items() if v is not None}  # None: Sluice's default
         try:

@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from api.affinity import Affinity
 from api.backpressure import Admission
 from api.streaming import StreamHub
 from shared import pools
@@ -25,6 +26,7 @@ class Served:
     tokenizer: Any
     admission: Admission
     token_chars: int  # the most characters one token stands for (a cheap length bound)
+    affinity: Affinity  # its Kafka keys in flight (api/affinity.py)
 
 
 def served(settings: Settings, tokenizer: Any, hub: StreamHub, default_topic: str) -> Served:
@@ -32,7 +34,8 @@ def served(settings: Settings, tokenizer: Any, hub: StreamHub, default_topic: st
     # BPE, sentencepiece).
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
     chars = max(map(len, vocab), default=1)
-    return Served(settings, tokenizer, Admission(settings, hub, default_topic), chars)
+    admission = Admission(settings, hub, default_topic)
+    return Served(settings, tokenizer, admission, chars, Affinity(settings))
 
 
 class Router:
@@ -67,9 +70,11 @@ class Router:
         return self._served[name]
 
     def release(self, request_id: str) -> None:
-        """The request ended: no longer its tenant's in its pool's admission."""
+        """The request ended: no longer its tenant's in its pool's admission, nor in flight
+        under its key."""
         for pool in self._served.values():
             pool.admission.release(request_id)
+            pool.affinity.release(request_id)
 
     def _weights(self, settings: Settings) -> str:
         try:

@@ -81,6 +81,9 @@ class GenerateBody(PromptInput, SamplingOptions):
     # Give up after this long (queued or running: finish_reason "timeout"); at most, and by
     # default, SLUICE_REQUEST_TIMEOUT_S.
     timeout_s: float | None = Field(None, gt=0)
+    # The end user or session (OpenAI's `user`): its requests meet one worker, whose prefix
+    # cache holds the conversation so far (api/affinity.py).
+    user: str | None = Field(None, min_length=1, max_length=256)
 
     def sampling(self, default_max_tokens: int) -> SamplingOptions:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

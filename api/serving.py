@@ -54,11 +54,13 @@ log = logging.getLogger(__name__)
 
 
 class Validated(NamedTuple):
-    """A wire message that passed the API's checks, and its prompt's length in tokens: counted
-    once, for the context check, and used again by the token rate limit."""
+    """A wire message that passed the API's checks, its prompt's length in tokens (counted
+    once, for the context check, and used again by the token rate limit) and what its Kafka
+    key derives from (api/affinity.py)."""
 
     message: GenerationRequest
     prompt_tokens: int
+    affinity: str = ""
 
 
 def _relayed(backlog: list[Event], last_index: int) -> Relayed:
@@ -160,7 +162,8 @@ class GenerateHandler:
                 f"{chars} characters",
             )
         # Off the event loop: the streams this process relays do not wait for it.
-        n_prompt = len(await asyncio.to_thread(prompt_token_ids, pool.tokenizer, body))
+        prompt_ids = await asyncio.to_thread(prompt_token_ids, pool.tokenizer, body)
+        n_prompt = len(prompt_ids)
         if n_prompt + sampling.max_tokens > context:
             raise invalid_field(
                 field,
@@ -184,10 +187,11 @@ class GenerateHandler:
             requires=sampling.features(),
             model=pool.settings.model,
         )
-        return Validated(message, n_prompt)
+        affinity = pool.affinity.affinity(prompt_ids, message.tenant or "", body.user)
+        return Validated(message, n_prompt, affinity)
 
     async def _submit(
-        self, message: GenerationRequest, caller: Caller, pool: Served
+        self, message: GenerationRequest, caller: Caller, pool: Served, key: str
     ) -> asyncio.Queue[Event]:
         """Listen first, then enqueue on the pool's topic: the first token can never beat the
         subscription."""
@@ -199,7 +203,7 @@ class GenerateHandler:
             sent = await self.producer.send_and_wait(
                 pool.settings.requests_topic,
                 value=message.model_dump_json().encode(),
-                key=rid.encode(),
+                key=key.encode(),
                 headers=[(tracing.TRACEPARENT, traceparent.encode())],
             )
         except Exception as e:
@@ -274,7 +278,8 @@ class GenerateHandler:
         pool = await self.router.get(message.model)  # to_message checked that it is served
         await self._admit(request, caller, pool)
         try:
-            queue = await self._submit(message, caller, pool)
+            key = pool.affinity.claim(message.request_id, request.affinity)
+            queue = await self._submit(message, caller, pool, key)
         except BaseException:
             self.router.release(message.request_id)
             raise

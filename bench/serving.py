@@ -348,11 +348,15 @@ def _healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def bench_stack(
-    name: str, cpus: tuple[int | None, ...] = (None,), **overrides: object
+    name: str,
+    cpus: tuple[int | None, ...] = (None,),
+    worker_env: list[dict[str, str]] | None = None,
+    **overrides: object,
 ) -> Iterator[devstack.LocalStack]:
-    """A broker of its own, the API and a vLLM worker per entry of `cpus`, on a fresh Redis
-    prefix and with auth off (the benchmarks measure serving, not keys), and any other settings
-    `overrides`; all of it stops on exit."""
+    """A broker of its own, the API and a vLLM worker per entry of `cpus` (with the variables
+    of the same entry of `worker_env`), on a fresh Redis prefix and with auth off (the
+    benchmarks measure serving, not keys), and any other settings `overrides`; all of it stops
+    on exit."""
     base = Settings()
     prepare_default_model(base)
     log_dir = Path(tempfile.mkdtemp(prefix=f"sluice-bench-{name}-"))
@@ -365,8 +369,9 @@ def bench_stack(
     })  # fmt: skip
     stack = devstack.LocalStack(settings, log_dir)
     try:
-        for cpu in cpus:  # a worker per entry, its engine bound to that core if one is given
-            stack.start_worker(cpu)
+        envs = worker_env or [{} for _ in cpus]
+        for cpu, env in zip(cpus, envs, strict=True):  # its engine bound to that core if given
+            stack.start_worker(cpu, env=env)
         stack.start_api()
         stack.wait_ready()
         yield stack

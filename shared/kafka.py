@@ -14,6 +14,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -71,6 +73,10 @@ def make_consumer(
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=max_poll_interval_ms,
+        # Sticky: a worker joining or leaving moves only the partitions it must, so the others
+        # keep their prefix keys (api/affinity.py) and what their KV caches hold. Round-robin
+        # stays listed so a group of older members (round-robin only) still agrees on one.
+        partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
     )
 
 

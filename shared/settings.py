@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     requests_topic: str = "sluice.requests"
     requests_partitions: int = Field(8, ge=1)
     consumer_group: str = "sluice-workers"
+    # The Kafka key of a request (api/affinity.py). prefix: a hash of the prompt's first
+    # prefix_key_tokens tokens (or of `user`), so requests sharing a prefix meet the worker
+    # that has it cached, at most affinity_max_in_flight of one key at once per API process
+    # before the next spills to another partition. request: the request id, an even spread.
+    partition_key: Literal["prefix", "request"] = "prefix"
+    prefix_key_tokens: int = Field(128, ge=1)
+    affinity_max_in_flight: int = Field(16, ge=1)
     # Batch jobs posted straight to Kafka; workers take them only with spare capacity
     batch_requests_topic: str = "sluice.batch.requests"
     batch_results_topic: str = "sluice.batch.results"

@@ -25,8 +25,8 @@ async def client(stack: LocalStack):
 
 
 async def enqueued(stack: LocalStack, request_id: str) -> int:
-    """How many times the request is on the requests topic (by its key). Counted by reading
-    the topic: the dev broker's end offsets are not exact after multi-record batches."""
+    """How many times the request is on the requests topic. Counted by reading the topic: the
+    dev broker's end offsets are not exact after multi-record batches."""
     consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.kafka, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -36,7 +36,9 @@ async def enqueued(stack: LocalStack, request_id: str) -> int:
         await consumer.seek_to_beginning(*parts)
         count = 0
         while got := await consumer.getmany(timeout_ms=2000, max_records=1000):
-            count += sum(r.key == request_id.encode() for rs in got.values() for r in rs)
+            count += sum(
+                json.loads(r.value)["request_id"] == request_id for rs in got.values() for r in rs
+            )
         return count
     finally:
         await consumer.stop()
