@@ -124,9 +124,7 @@ class EmbeddingsHandler:
         self.ledger.add("embedding_tokens", tokens)
         self.ledger.add("embedding_seconds", seconds)
         self.ledger.add("embedding_dollars", dollars)
-        self.ledger.add(f"dollars@tenant:{tenant}", dollars)
-        self.ledger.add(f"requests@tenant:{tenant}", 1)
-        self.ledger.add(f"prompt_tokens@tenant:{tenant}", tokens)
+        self.ledger.add_tenant(tenant, self.settings.embedding_model, tokens, 0, dollars)
 
 
 def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:

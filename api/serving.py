@@ -273,8 +273,8 @@ class GenerateHandler:
     ) -> Relay:
         """Enqueue the request; its events up to the terminal one. Enqueue failures raise here,
         before any response starts. The caller ends with `release`."""
-        clock = Clock(time.monotonic())
         message = request.message
+        clock = Clock(time.monotonic(), model=message.model or "")
         pool = await self.router.get(message.model)  # to_message checked that it is served
         await self._admit(request, caller, pool)
         try:

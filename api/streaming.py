@@ -193,6 +193,7 @@ class Clock:
     accepted: float
     first_token: float | None = None
     last_token: float | None = None
+    model: str = ""  # the latency metrics' model_name: the catalog's model or adapter asked for
 
     def ms(self, t: float) -> float:
         return round((t - self.accepted) * 1000, 2)
@@ -268,7 +269,7 @@ async def events(
             continue
         if isinstance(event, DoneEvent):
             now = time.monotonic()
-            metrics.CLIENT_E2E.observe(now - clock.accepted)
+            metrics.CLIENT_E2E.labels(clock.model).observe(now - clock.accepted)
             event.timings.ttft_ms = clock.ms(clock.first_token or now)
             event.timings.e2e_ms = clock.ms(now)
         mark(tracing.API_DONE)
@@ -282,10 +283,10 @@ def _time_tokens(clock: Clock, n: int) -> None:
     now = time.monotonic()
     if clock.first_token is None:
         clock.first_token = now
-        metrics.CLIENT_TTFT.observe(now - clock.accepted)
+        metrics.CLIENT_TTFT.labels(clock.model).observe(now - clock.accepted)
     elif clock.last_token is not None:
         for _ in range(n):
-            metrics.CLIENT_ITL.observe((now - clock.last_token) / n)
+            metrics.CLIENT_ITL.labels(clock.model).observe((now - clock.last_token) / n)
     clock.last_token = now
 
 

@@ -99,6 +99,13 @@ class CostReport(WindowTotals):
     recommendations: list[Recommendation]
 
 
+class ModelUsage(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
 class TenantUsage(WindowTotals):
     """One tenant's own requests and the engine time they used (`GET /usage`), without the
     fleet's figures: those include other tenants' traffic."""
@@ -106,6 +113,8 @@ class TenantUsage(WindowTotals):
     tenant: str
     cost_usd: float  # attributed: its token share of engine time
     per_1k_requests_usd: float | None
+    # By the model that served them: a catalog model's pool, or the embedding model
+    by_model: dict[str, ModelUsage] = {}
 
 
 async def tenant_usage(
@@ -124,7 +133,25 @@ async def tenant_usage(
         completion_tokens=int(totals.get(f"completion_tokens@tenant:{tenant}", 0)),
         cost_usd=round(dollars, 8),
         per_1k_requests_usd=_ratio(dollars * 1000, requests),
+        by_model=_by_model(totals, tenant),
     )
+
+
+def _by_model(totals: dict[str, float], tenant: str) -> dict[str, ModelUsage]:
+    fields: dict[str, dict[str, float]] = {}
+    for key, amount in totals.items():
+        field, sep, rest = key.partition(f"@tenant-model:{tenant}:")
+        if sep and field:
+            fields.setdefault(rest, {})[field] = amount
+    return {
+        model: ModelUsage(
+            requests=int(f.get("requests", 0)),
+            prompt_tokens=int(f.get("prompt_tokens", 0)),
+            completion_tokens=int(f.get("completion_tokens", 0)),
+            cost_usd=round(f.get("dollars", 0.0), 8),
+        )
+        for model, f in sorted(fields.items())
+    }
 
 
 def worker_hourly_usd(settings: Settings) -> float:

@@ -13,7 +13,8 @@ Fields (all sums over the bucket): requests, prompt_tokens, completion_tokens, d
 (engine held a request), request_seconds (integral of requests in the engine),
 kv_usage_seconds (KV cache usage x busy time), waiting_seconds (engine queue non-empty),
 preemptions; per-label dollars as `dollars@topic:<topic>` and `dollars@tenant:<tenant>`, and
-per tenant `requests@tenant:`, `prompt_tokens@tenant:` and `completion_tokens@tenant:`.
+per tenant `requests@tenant:`, `prompt_tokens@tenant:` and `completion_tokens@tenant:`, and
+the same four per tenant and model as `<field>@tenant-model:<tenant>:<model>` (`add_tenant`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ class Ledger:
     def add(self, field: str, amount: float) -> None:
         if amount:
             self._pending[field] += amount
+
+    def add_tenant(
+        self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int, dollars: float
+    ) -> None:
+        """One request in its tenant's own figures (`GET /usage`), in all and by model. Tenant
+        names hold no `:` (shared/apikeys.py), so the first one ends the tenant."""
+        amounts = {"requests": 1, "prompt_tokens": prompt_tokens,
+                   "completion_tokens": completion_tokens, "dollars": dollars}  # fmt: skip
+        for field, amount in amounts.items():
+            self.add(f"{field}@tenant:{tenant}", amount)
+            self.add(f"{field}@tenant-model:{tenant}:{model}", amount)
 
     async def flush(self) -> None:
         if not self._pending:

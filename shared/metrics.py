@@ -36,11 +36,13 @@ OPEN_STREAMS = Gauge(
 CLIENT_TTFT = Histogram(
     "sluice_time_to_first_token_seconds",
     "Request accepted by the API to first token relayed, as the client sees it",
+    ["model_name"],
     buckets=_LATENCY_BUCKETS,
 )
 CLIENT_ITL = Histogram(
     "sluice_inter_token_latency_seconds",
     "Gap between tokens as the client sees it (a coalesced event's gap is spread over its tokens)",
+    ["model_name"],
     buckets=_LATENCY_BUCKETS,
 )
 DELIVERY_LATENCY = Histogram(
@@ -51,6 +53,7 @@ DELIVERY_LATENCY = Histogram(
 CLIENT_E2E = Histogram(
     "sluice_e2e_request_latency_seconds",
     "Request accepted by the API to done event relayed",
+    ["model_name"],
     buckets=_LATENCY_BUCKETS,
 )
 

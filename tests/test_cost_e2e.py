@@ -15,6 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from shared.devstack import LocalStack
+from shared.settings import DEFAULT_MODEL
 from tests.conftest import PROMPTS
 
 pytestmark = pytest.mark.stack
@@ -105,5 +106,8 @@ async def test_stream_latency_metrics_are_exported(client: httpx.AsyncClient) ->
         for line in text.splitlines()
         if line.endswith(tuple("0123456789")) and "_count" in line
     }
-    assert counts["sluice_inter_token_latency_seconds_count"] > 0
+    # The client-side latencies are by model (the catalog's name the request asked for).
+    model = f'{{model_name="{DEFAULT_MODEL}"}}'
+    assert counts[f"sluice_inter_token_latency_seconds_count{model}"] > 0
+    assert counts[f"sluice_time_to_first_token_seconds_count{model}"] > 0
     assert counts["sluice_stream_delivery_latency_seconds_count"] > 0

@@ -175,3 +175,30 @@ async def test_readers_of_a_window_share_one_read(services: Services) -> None:
         assert (await fresh.window(HOUR))[1]["requests"] == 3.0
     finally:
         await redis.aclose()
+
+
+async def test_a_tenants_usage_breaks_down_by_model_and_stays_its_own(services: Services) -> None:
+    settings = make_settings(services)
+    redis = sredis.connect(settings)
+    try:
+        book = ledger.Ledger(redis, settings)
+        book.add_tenant("acme", "org/chat-7b", 100, 20, 0.5)
+        book.add_tenant("acme", "org/chat-7b", 50, 10, 0.25)
+        book.add_tenant("acme", "bge-small", 30, 0, 0.01)
+        book.add_tenant("acme-2", "org/chat-7b", 999, 999, 9.0)  # a tenant whose name extends
+        await book.flush()
+        usage = await cost.tenant_usage(ledger.Reader(redis, settings), settings, "acme", HOUR)
+        assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (3, 180, 30)
+        assert usage.by_model == {
+            "bge-small": cost.ModelUsage(
+                requests=1, prompt_tokens=30, completion_tokens=0, cost_usd=0.01
+            ),
+            "org/chat-7b": cost.ModelUsage(
+                requests=2, prompt_tokens=150, completion_tokens=30, cost_usd=0.75
+            ),
+        }
+        # The fleet's by-tenant figures are not confused by the per-model fields.
+        report = await cost.report(ledger.Reader(redis, settings), settings, HOUR)
+        assert report.by_tenant_usd == {"acme": 0.76, "acme-2": 9.0}
+    finally:
+        await redis.aclose()

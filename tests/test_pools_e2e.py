@@ -78,11 +78,20 @@ async def test_each_pool_serves_only_its_model_and_a_pool_may_start_at_zero(
             stack.workers.remove(worker)
         unknown = await client.post("/generate", json={**ask, "model": "no-such-model"})
         assert unknown.status_code == 404 and "no-such-model" in unknown.json()["detail"]
-        # Cost breaks down by model: each pool's engine time went to its own model.
+        # Cost breaks down by model: each pool's engine time went to its own model, in the
+        # fleet's report and in the tenant's own usage (5 requests of the second pool above).
         deadline = asyncio.get_running_loop().time() + 30
         while True:
             by_model = (await client.get("/cost", params={"window": "1h"})).json()["by_model_usd"]
-            if by_model.get(SECOND_POOL, 0) > 0 and by_model.get(stack.settings.model, 0) > 0:
+            usage = (await client.get("/usage", params={"window": "1h"})).json()["by_model"]
+            pool_usage = usage.get(SECOND_POOL, {"requests": 0})
+            if (
+                by_model.get(SECOND_POOL, 0) > 0
+                and by_model.get(stack.settings.model, 0) > 0
+                and pool_usage["requests"] == 5
+            ):
                 break
-            assert asyncio.get_running_loop().time() < deadline, by_model
+            assert asyncio.get_running_loop().time() < deadline, (by_model, usage)
             await asyncio.sleep(1)
+        assert pool_usage["cost_usd"] > 0 and pool_usage["completion_tokens"] > 0
+        assert usage[stack.settings.model]["requests"] >= 3

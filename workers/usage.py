@@ -47,11 +47,7 @@ def add_request(
     ledger.add("dollars", dollars)
     ledger.add(f"dollars@topic:{topic}", dollars)
     ledger.add(f"dollars@model:{model}", dollars)
-    ledger.add(f"dollars@tenant:{tenant}", dollars)
-    # A tenant's own view (`GET /usage`): its requests and tokens, beside its dollars.
-    ledger.add(f"requests@tenant:{tenant}", 1)
-    ledger.add(f"prompt_tokens@tenant:{tenant}", prompt_tokens)
-    ledger.add(f"completion_tokens@tenant:{tenant}", completion_tokens)
+    ledger.add_tenant(tenant, model, prompt_tokens, completion_tokens, dollars)
 
 
 async def record_usage(ledger: Ledger) -> None:
