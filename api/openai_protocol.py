@@ -485,6 +485,8 @@ class ModelCard(BaseModel):
     sluice_served_by: Literal["workers", "api"] = "workers"
     # Requests waiting in its pool's topic, as its live workers last reported it
     sluice_lag: int = 0
+    # A LoRA adapter's base model, whose pool serves it (as vLLM lists LoRA modules)
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -209,6 +209,12 @@ class OpenAIHandler:
             ModelCard(id=m, created=self.started, sluice_workers=w, sluice_lag=lag.get(m, 0))
             for m, w in served.items()
         ]
+        for name in pools.servable(self.settings):  # adapters: served by their base's pool
+            base = pools.base_of(self.settings, name)
+            if base != name:
+                cards.append(ModelCard(id=name, created=self.started, parent=base,
+                                       sluice_workers=served.get(base, []),
+                                       sluice_lag=lag.get(base, 0)))  # fmt: skip
         cards.append(  # /v1/embeddings, served by this process (api/openai_embeddings.py)
             ModelCard(
                 id=self.settings.embedding_model,
@@ -220,7 +226,7 @@ class OpenAIHandler:
         return ModelList(data=cards)
 
     def _check_model(self, model: str) -> None:
-        if model not in pools.names(self.settings):
+        if model not in pools.servable(self.settings):
             raise OpenAIError(
                 404, f"The model `{model}` does not exist.", "model", "model_not_found"
             )

@@ -55,8 +55,9 @@ class Router:
         return list(self._served.values())
 
     async def get(self, model: str | None) -> Served:
-        """The pool of `model` (None: the default one); UnknownModel if none serves it."""
-        name = model or self._settings.model
+        """The pool of `model` (None: the default one; an adapter: its base model's);
+        UnknownModel if none serves it."""
+        name = pools.base_of(self._settings, model or self._settings.model)
         if name in self._served:
             return self._served[name]
         pool = pools.pool_settings(self._settings, name)  # UnknownModel

@@ -35,9 +35,9 @@ from api.streaming import (
     events,
     sse_frames,
 )
+from shared import pools, tracing
 from shared import redis as sredis
-from shared import tracing
-from shared.messages import GenerationRequest, TokensEvent
+from shared.messages import ADAPTER, GenerationRequest, TokensEvent
 from shared.pools import UnknownModel
 from shared.prompts import prompt_token_ids
 from shared.settings import Settings
@@ -171,6 +171,7 @@ class GenerateHandler:
                 f"the model's context of {context} tokens",
                 n_prompt,
             )
+        adapter = body.model if body.model in pools.adapters(pool.settings) else None
         now = time.time()
         # The API stops waiting at the timeout, so a worker must not start the request after.
         timeout = min(
@@ -184,8 +185,9 @@ class GenerateHandler:
             enqueued_at=now,
             deadline=now + timeout,
             tenant=tenant,
-            requires=sampling.features(),
+            requires=sampling.features() + ([ADAPTER] if adapter else []),
             model=pool.settings.model,
+            adapter=adapter,
         )
         affinity = pool.affinity.affinity(prompt_ids, message.tenant or "", body.user)
         return Validated(message, n_prompt, affinity)
@@ -274,7 +276,7 @@ class GenerateHandler:
         """Enqueue the request; its events up to the terminal one. Enqueue failures raise here,
         before any response starts. The caller ends with `release`."""
         message = request.message
-        clock = Clock(time.monotonic(), model=message.model or "")
+        clock = Clock(time.monotonic(), model=message.adapter or message.model or "")
         pool = await self.router.get(message.model)  # to_message checked that it is served
         await self._admit(request, caller, pool)
         try:

@@ -52,7 +52,10 @@ STRUCTURED_OUTPUT = "structured_output"  # sampling.response_format other than t
 PENALTIES = "penalties"  # presence, frequency or repetition penalty other than neutral
 STOP_TOKEN_IDS = "stop_token_ids"
 LOGPROBS = "logprobs"
-KNOWN_FEATURES: frozenset[str] = frozenset({STRUCTURED_OUTPUT, PENALTIES, STOP_TOKEN_IDS, LOGPROBS})
+ADAPTER = "adapter"  # a LoRA adapter: a worker that ignored it would answer as the base model
+KNOWN_FEATURES: frozenset[str] = frozenset(
+    {STRUCTURED_OUTPUT, PENALTIES, STOP_TOKEN_IDS, LOGPROBS, ADAPTER}
+)
 
 
 class _Wire(BaseModel):
@@ -180,6 +183,8 @@ class GenerationRequest(PromptInput):
     # The catalog's model it is for (shared/pools.py); a worker of another pool dead-letters
     # it. None: whatever the topic's pool serves.
     model: str | None = Field(None, max_length=256)
+    # A LoRA adapter of `model` to run it with (the catalog's `adapter_of`); requires ADAPTER.
+    adapter: str | None = Field(None, max_length=256)
     # Keep the request's events this long after it ends (an Idempotency-Key's window: a retry
     # replays them). None: as long as a resume needs them. A worker that predates the field
     # keeps them that long only, and a late retry then finds no result (404), never a rerun.

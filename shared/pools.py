@@ -6,6 +6,10 @@ The default model (SLUICE_MODEL) keeps today's names (`sluice.requests`, `sluice
 so single-model deployments, batch submitters and KEDA objects are unchanged. Another model
 NAME gets the same names with its slug appended (`sluice.requests.<slug>`): a worker started
 with `--model NAME` runs with `pool_settings(settings, NAME)` and is otherwise the same worker.
+
+A LoRA adapter of the catalog (`adapter_of`) has no pool: its requests travel on its base
+model's topic, naming the adapter, and that pool's engines load it (vLLM's LoRA), so one pool
+serves a base model and any number of its fine-tunes.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ class Misrouted(Exception):
     (a producer wrote it to the wrong topic)."""
 
 
-def check_model(requested: str | None, settings: Settings) -> None:
+def check_model(requested: str | None, adapter: str | None, settings: Settings) -> None:
     if requested is not None and requested != settings.model:
         raise Misrouted(f"the request is for model {requested}; this pool serves {settings.model}")
+    if adapter is not None and adapter not in adapters(settings):
+        raise Misrouted(f"adapter {adapter} is not one of {settings.model}'s in this catalog")
 
 
 def slug(name: str) -> str:
@@ -35,12 +41,37 @@ def slug(name: str) -> str:
 
 
 def names(settings: Settings) -> list[str]:
-    """Every model served, the default first."""
-    return [settings.model, *(n for n in settings.models if n != settings.model)]
+    """Every model with a pool of its own, the default first."""
+    return [
+        settings.model,
+        *(n for n, spec in settings.models.items() if n != settings.model and not spec.adapter_of),
+    ]
+
+
+def servable(settings: Settings) -> list[str]:
+    """Every name a request may give as `model`: the pools' models, then the adapters."""
+    return [*names(settings), *(n for n, spec in settings.models.items() if spec.adapter_of)]
+
+
+def adapters(settings: Settings) -> dict[str, str]:
+    """The LoRA adapters the pool of `settings.model` serves: name -> directory."""
+    return {
+        name: spec.weights
+        for name, spec in settings.models.items()
+        if spec.adapter_of == settings.model and spec.weights is not None
+    }
+
+
+def base_of(settings: Settings, name: str) -> str:
+    """The model whose pool serves `name`: an adapter's base model, else `name` itself."""
+    spec = settings.models.get(name)
+    return spec.adapter_of if spec is not None and spec.adapter_of else name
 
 
 def pool_settings(settings: Settings, name: str) -> Settings:
-    """The settings of the pool serving `name` (UnknownModel if the catalog lacks it)."""
+    """The settings of the pool serving `name`, an adapter's the base model's pool
+    (UnknownModel if the catalog lacks it)."""
+    name = base_of(settings, name)
     if name == settings.model:
         return settings
     spec = settings.models.get(name)

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -27,8 +27,11 @@ class PoolSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # A directory or hub id; the bundled model's name for the bundled weights. Default: the
-    # model's own name.
+    # model's own name. For an adapter: its directory (PEFT's adapter_config.json and weights).
     weights: str | None = None
+    # A LoRA adapter of this model (the default or a catalog model on vLLM): served by that
+    # model's pool, which then starts its engine with LoRA on; nothing else may be set.
+    adapter_of: str | None = None
     engine: Literal["vllm", "transformers"] | None = None
     dtype: str | None = None
     quantization: str | None = None
@@ -116,6 +119,10 @@ class Settings(BaseSettings):
     # More models, each served by its own pool of workers (`sluice worker --model NAME`) on its
     # own topics (shared/pools.py): JSON, name -> PoolSpec. `model` is always served too.
     models: dict[str, PoolSpec] = Field(default_factory=dict)
+    # LoRA (a pool with adapters in the catalog): the largest adapter rank, and how many
+    # adapters one engine step may mix (vLLM's max_lora_rank, max_loras).
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int = Field(4, ge=1)
     model_cache_dir: Path = Path.home() / ".cache" / "sluice" / "models"
     max_model_len: int = Field(2048, ge=16)
     max_tokens_limit: int = Field(1024, ge=1)
@@ -284,6 +291,22 @@ class Settings(BaseSettings):
 
     def stream_channel(self, request_id: str) -> str:
         return f"{self.redis_prefix}:stream:{request_id}"
+
+    @model_validator(mode="after")
+    def _adapters_are_of_a_vllm_pool(self) -> Settings:
+        for name, spec in self.models.items():
+            if spec.adapter_of is None:
+                continue
+            given = spec.model_dump(exclude_none=True).keys() - {"weights", "adapter_of"}
+            if given or spec.weights is None:
+                raise ValueError(f"models: adapter {name!r} takes `weights` (its directory) only")
+            base = self.models.get(spec.adapter_of)
+            if spec.adapter_of != self.model and (base is None or base.adapter_of is not None):
+                raise ValueError(f"models: {name!r} is an adapter of {spec.adapter_of!r}, "
+                                 "which is not a model of the catalog")  # fmt: skip
+            if ((base and base.engine) or self.engine) != "vllm":
+                raise ValueError(f"models: adapter {name!r} needs a vllm pool (LoRA)")
+        return self
 
     @property
     def heartbeats_key(self) -> str:

@@ -29,6 +29,10 @@ from tests.otlp_receiver import Receiver
 LOG_DIR = Path(__file__).resolve().parent.parent / ".run" / "test-logs"
 # The shared stack's second model: the bundled weights on the transformers engine
 SECOND_POOL = "smollm-hf"
+# A third, on vLLM with LoRA on, and an adapter of it that tests/test_lora_e2e.py makes
+LORA_POOL = "smollm-lora"
+ADAPTER = "smollm-lora-test"
+ADAPTER_DIR = LOG_DIR.parent / "test-adapter"
 
 
 @dataclass
@@ -144,8 +148,13 @@ def stack(
 ) -> Iterator[LocalStack]:
     settings = make_settings(
         services, port=devstack.free_port(), otel_endpoint=otlp.url,
-        # A second model pool, with no worker until a test starts one (tests/test_pools_e2e.py)
-        models={SECOND_POOL: PoolSpec(weights=DEFAULT_MODEL, engine="transformers")},
+        # More model pools, with no worker until a test starts one (tests/test_pools_e2e.py,
+        # tests/test_lora_e2e.py)
+        models={
+            SECOND_POOL: PoolSpec(weights=DEFAULT_MODEL, engine="transformers"),
+            LORA_POOL: PoolSpec(weights=DEFAULT_MODEL),
+            ADAPTER: PoolSpec(adapter_of=LORA_POOL, weights=str(ADAPTER_DIR)),
+        },
     )  # fmt: skip
     s = LocalStack(settings, LOG_DIR)
     s.start_worker()

@@ -56,14 +56,17 @@ class CostMeter:
         """Engine seconds attributed to a running request so far."""
         return self._seconds.get(rid, 0.0)
 
-    def finish(self, rid: str, tenant: str = "default") -> tuple[float, float]:
-        """(engine seconds, dollars) of a finished request; also exported as metrics."""
+    def finish(
+        self, rid: str, tenant: str = "default", model: str | None = None
+    ) -> tuple[float, float]:
+        """(engine seconds, dollars) of a finished request; also exported as metrics, under
+        `model` (an adapter's name) or the pool's."""
         self.tick()
         seconds = self._seconds.pop(rid, 0.0)
         self._tokens.pop(rid, None)
         dollars = seconds * self.dollars_per_second
         metrics.REQUEST_COST.observe(dollars)
-        metrics.COST_TOTAL.labels(self.model, tenant).inc(dollars)
+        metrics.COST_TOTAL.labels(model or self.model, tenant).inc(dollars)
         metrics.ENGINE_ATTRIBUTED.inc(seconds)
         return seconds, dollars
 

@@ -291,7 +291,7 @@ class Worker:
         """The record's request, its tenant verified if it is a batch one. Raises
         ValidationError or Forged; None if the worker stopped while Redis was unreachable."""
         request = GenerationRequest.model_validate_json(record.value or b"")
-        pools.check_model(request.model, self.settings)
+        pools.check_model(request.model, request.adapter, self.settings)
         if not feed.batch:
             return request
         while not self.stopping.is_set():
@@ -472,22 +472,23 @@ class Worker:
     async def _generate(self, running: Running, sink: Sink, picked_at: float) -> None:
         request = running.request
         rid, tenant = request.request_id, request.tenant or "default"
+        model = request.adapter or self.settings.model  # what it is billed as
         progress = Progress(completion_tokens=len(running.claim.emitted))
         self.cost.start(rid)
         try:
             await self._stream(running, sink, progress)
         except RequestRejected as e:
-            self.cost.finish(rid, tenant)
+            self.cost.finish(rid, tenant, model)
             await sink.rejected(str(e))
             return
         except EngineDead:
             raise
         except Exception as e:
             log.exception("request %s failed", rid)
-            self.cost.finish(rid, tenant)
+            self.cost.finish(rid, tenant, model)
             await sink.failed(str(e))
             return
-        seconds, _ = self.cost.finish(rid, tenant)
+        seconds, _ = self.cost.finish(rid, tenant, model)
         if running.fenced:
             return  # its new owner finishes (and bills) it
         # Earlier owners' engine time counts too: a migrated request costs what all spent.
@@ -501,7 +502,7 @@ class Worker:
                 self.ledger,
                 topic=running.claim.topic,
                 tenant=tenant,
-                model=self.settings.model,
+                model=model,
                 prompt_tokens=progress.prompt_tokens,
                 completion_tokens=progress.completion_tokens,
                 seconds=seconds,

