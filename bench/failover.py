@@ -67,7 +67,7 @@ async def read(http: httpx.AsyncClient, body: dict, stream: Stream) -> Stream:
             elif sse.event == "done":
                 stream.done = True
                 return stream
-            else:
+            elif sse.event != "queued":  # waiting for a worker: not a failure
                 raise RuntimeError(f"{sse.event}: {sse.data}")
     return stream
 

@@ -393,8 +393,9 @@ async def requests_on_the_wire(stack: LocalStack, ids: set[str]) -> dict[str, di
         while len(found) < len(ids) and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:
-                    if record.key is not None and record.key.decode() in ids:
-                        found[record.key.decode()] = json.loads(record.value)
+                    message = json.loads(record.value)
+                    if message["request_id"] in ids:
+                        found[message["request_id"]] = message
     finally:
         await consumer.stop()
     return found
