@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
         tokenizer = AutoTokenizer.from_pretrained(model_path(settings))
         for model in pools.names(settings):  # a pool at zero workers still takes requests
             await kafka.ensure_topics(pools.pool_settings(settings, model))
+        metrics.start_model_series(pools.servable(settings))
         redis = sredis.connect(settings)
         producer = kafka.make_producer(settings)
         await producer.start()

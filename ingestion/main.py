@@ -38,7 +38,7 @@ from shared.vectorstores.base import Chunk, VectorStore
 
 log = logging.getLogger("sluice.ingestion")
 
-GROUP = "sluice-ingestion"
+GROUP = kafka.INGESTION_GROUP
 # Also how long a stop request may wait for the poll to return.
 POLL_TIMEOUT_MS = 500
 RETRY_MAX_S = 30.0

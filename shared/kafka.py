@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 # of that) in a JSON envelope; aiokafka's default request cap is 1 MiB. The ingest topics are
 # created with the same max.message.bytes (deploy/ sets it for Strimzi and compose too).
 MAX_MESSAGE_BYTES = 8 * 2**20
+# Sticky: a worker joining or leaving moves only the partitions it must, so the others keep
+# their prefix keys (api/affinity.py) and what their KV caches hold. Round-robin stays listed
+# so that on Kafka a group with older members (round-robin only) agrees on it during an
+# upgrade; the dev broker refuses such a mixed group (InconsistentGroupProtocol).
+ASSIGNORS = (StickyPartitionAssignor, RoundRobinPartitionAssignor)
+# Why a message was dead-lettered: a header of every DLQ record (`sluice status` shows it).
+DLQ_REASON = "sluice.dlq.reason"
+# Ingestion's consumer group (no setting: one ingestion pool per stack).
+INGESTION_GROUP = "sluice-ingestion"
 
 
 def connection(settings: Settings) -> dict[str, Any]:
@@ -73,10 +82,7 @@ def make_consumer(
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=max_poll_interval_ms,
-        # Sticky: a worker joining or leaving moves only the partitions it must, so the others
-        # keep their prefix keys (api/affinity.py) and what their KV caches hold. Round-robin
-        # stays listed so a group of older members (round-robin only) still agrees on one.
-        partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
+        partition_assignment_strategy=ASSIGNORS,
     )
 
 
@@ -231,7 +237,7 @@ async def dead_letter_value(
     worker, whose record this worker never read)."""
     log.warning("dead-lettering %s/%d@%d: %s", topic, partition, offset, reason)
     headers = [
-        ("sluice.dlq.reason", reason.encode()),
+        (DLQ_REASON, reason.encode()),
         ("sluice.dlq.topic", topic.encode()),
         ("sluice.dlq.partition", str(partition).encode()),
         ("sluice.dlq.offset", str(offset).encode()),

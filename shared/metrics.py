@@ -57,6 +57,16 @@ CLIENT_E2E = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+
+def start_model_series(models: list[str]) -> None:
+    """Every model's latency series, at 0 from the start: a labelled series is born at its
+    first observation, so rate() over it would miss that first increase (a quiet model's
+    first requests would never show in the percentiles)."""
+    for model in models:
+        for histogram in (CLIENT_TTFT, CLIENT_ITL, CLIENT_E2E):
+            histogram.labels(model)
+
+
 # Worker
 KAFKA_QUEUE_TIME = Histogram(
     "sluice_kafka_queue_time_seconds",

@@ -69,8 +69,8 @@ def base_of(settings: Settings, name: str) -> str:
 
 
 def pool_settings(settings: Settings, name: str) -> Settings:
-    """The settings of the pool serving `name`, an adapter's the base model's pool
-    (UnknownModel if the catalog lacks it)."""
+    """The settings of the pool serving `name` (for an adapter: its base model's pool);
+    UnknownModel if the catalog lacks it."""
     name = base_of(settings, name)
     if name == settings.model:
         return settings

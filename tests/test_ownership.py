@@ -229,12 +229,13 @@ async def test_a_drained_worker_hands_its_requests_over_at_the_drain_bound(
 GHOST_MEMBER = """
 import asyncio, json, sys
 from aiokafka import AIOKafkaConsumer
+from shared.kafka import ASSIGNORS
 
 async def main():
     kafka, topic, group = sys.argv[1:4]
     c = AIOKafkaConsumer(topic, bootstrap_servers=kafka, group_id=group,
                          enable_auto_commit=False, session_timeout_ms=10000,
-                         heartbeat_interval_ms=1000)
+                         heartbeat_interval_ms=1000, partition_assignment_strategy=ASSIGNORS)
     await c.start()
     while not c.assignment():
         await c.getmany(timeout_ms=200)
