@@ -10,6 +10,7 @@ sluice cost report [--window 1h]   fleet cost, monthly projections, recommendati
 sluice keys create --tenant NAME [--rpm N] [--tpm N] | list | revoke KEY_ID   API keys
 sluice batch submit FILE.jsonl [--wait] | collect [--ids F.ids] [--out F.jsonl]   batch jobs
 sluice trace REQUEST_ID [--json]   every hop of one request: when and where it waited
+sluice status [--json] [--watch [S]]   topics' lag, consumer groups, live workers, dead letters
 sluice eval retrieval FILE   recall@k, MRR, nDCG@10 of retrieval on labelled queries
 sluice bench [NAME]          benchmarks: serving (default), engines, precision, prefix, kv,
                              rag, cost, flood, priority, failover, first-step, affinity
@@ -30,7 +31,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from rich.console import Group
 
+    from shared.fleet import FleetStatus
     from shared.settings import Settings
 
 RUN_DIR = Path(".run")
@@ -220,6 +223,79 @@ def _redis_acl(args: argparse.Namespace) -> None:
     print(redis_acl.acl_file(Settings().redis_prefix, passwords), end="")
 
 
+def _status(args: argparse.Namespace) -> None:
+    import asyncio
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from shared import fleet
+    from shared import redis as sredis
+    from shared.settings import Settings
+
+    settings = Settings()
+
+    async def snapshot() -> fleet.FleetStatus:
+        redis = sredis.connect(settings)
+        try:
+            return await fleet.snapshot(settings, redis)
+        finally:
+            await redis.aclose()
+
+    def take() -> fleet.FleetStatus:
+        try:
+            return asyncio.run(snapshot())
+        except Exception as e:  # one line for the operator, not a traceback
+            sys.exit(f"cannot read the fleet (Kafka {settings.kafka}, Redis {settings.redis}): {e}")
+
+    if args.json:
+        print(take().model_dump_json(indent=2))
+        return
+    if not args.watch:
+        Console().print(_status_view(take()))
+        return
+    with Live(_status_view(take()), auto_refresh=False, screen=False) as live:
+        while True:
+            time.sleep(args.watch)
+            live.update(_status_view(take()), refresh=True)
+
+
+def _status_view(status: FleetStatus) -> Group:
+    """`sluice status`'s tables: topics, workers, groups, dead letters."""
+    from rich.console import Group
+    from rich.table import Table
+
+    topics = Table("topic", "kind", "group", "partition", "end", "committed", "lag", "oldest",
+                   title="Topics (lag = end - committed: waiting or running)")  # fmt: skip
+    for t in status.topics:
+        for p in t.partitions:
+            age = "" if p.oldest_age_s is None else f"{p.oldest_age_s:.1f} s"
+            committed = "-" if p.committed is None else str(p.committed)
+            topics.add_row(t.topic, t.kind, t.group or "", str(p.partition), str(p.end),
+                           committed, str(p.lag), age)  # fmt: skip
+    workers = Table("worker", "model", "engine", "in flight", "lag", "partitions", "KV cache",
+                    "tokens/s (1 min)", "heartbeat", title="Live workers")  # fmt: skip
+    for w in status.workers:
+        kv = "" if w.kv_cache_usage is None else f"{w.kv_cache_usage:.0%}"
+        rate = "" if w.tokens_per_s is None else f"{w.tokens_per_s:.1f}"
+        workers.add_row(w.worker_id, w.model, w.engine, str(w.in_flight), str(w.lag),
+                        ",".join(map(str, w.partitions)), kv, rate,
+                        f"{w.heartbeat_age_s:.1f} s ago")  # fmt: skip
+    groups = Table("group", "state", "members and partitions", title="Consumer groups")
+    for g in status.groups:
+        members = (
+            "not reported by this broker (see the workers' partitions)"
+            if g.members is None
+            else "; ".join(f"{m.client_id}@{m.host}: {','.join(m.partitions)}" for m in g.members)
+        )
+        groups.add_row(g.group, g.state, members)
+    dead = Table("dead-letter topic", "count", "last reasons", title="Dead letters")
+    for d in status.dead_letters:
+        dead.add_row(d.topic, str(d.count), " | ".join(d.last_reasons))
+    return Group(topics, workers, groups, dead)
+
+
 def _trace(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -396,6 +472,13 @@ def main(argv: list[str] | None = None) -> None:
     cost_cmd.add_argument("--window", default="1h", help="15m, 1h, 24h, 7d (default 1h)")
     cost_cmd.add_argument("--json", action="store_true", help="the GET /cost JSON")
     cost_cmd.set_defaults(fn=_cost)
+    status = sub.add_parser("status", help="lag, groups, workers and dead letters, now")
+    status.add_argument("--json", action="store_true", help="the snapshot as JSON")
+    status.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
+        help="refresh in place every S seconds (default 2)",
+    )  # fmt: skip
+    status.set_defaults(fn=_status)
     trace = sub.add_parser("trace", help="a request's hops: where its time went")
     trace.add_argument("request_id")
     trace.add_argument("--json", action="store_true", help="the hops as JSON")

@@ -331,6 +331,10 @@ class Heartbeat(_Wire):
     # The requests topic it reads, so its model pool's (shared/pools.py); None: a worker from
     # before pools, which served the default one.
     topic: str | None = None
+    # Its engine's KV cache in use (0-1) and tokens generated per second over the last
+    # minute, from vLLM's own metrics (None on an engine without them): `sluice status`.
+    kv_cache_usage: float | None = None
+    tokens_per_s: float | None = None
 
     def serves(self, requests_topic: str, default_topic: str) -> bool:
         """Whether it is a worker of the pool reading `requests_topic`."""

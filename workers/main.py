@@ -52,7 +52,7 @@ from workers.rescue import Rescue
 from workers.signers import Forged, Signers
 from workers.sinks import BatchSink, Progress, ResultTopics, Sink, StreamSink, done_event
 from workers.usage import add_request, record_usage
-from workers.utilization import sample_utilization
+from workers.utilization import EngineLoad, sample_utilization
 
 log = logging.getLogger("sluice.worker")
 
@@ -80,6 +80,7 @@ class Worker:
         self.tracer = Tracer(settings, redis, "sluice-worker")
         self.publisher = Publisher(redis, settings, self.owners, self._fenced, self.tracer)
         self.cost = CostMeter(settings, engine.model)
+        self.load = EngineLoad(engine)
         self.ledger = Ledger(redis, settings)
         self.signers = Signers(redis, settings)
         self.results = ResultTopics(settings)
@@ -565,6 +566,7 @@ class Worker:
 
     async def _beat(self) -> None:
         interactive = self.interactive is not None
+        kv, rate = self.load.sample()
         beat = Heartbeat(
             worker_id=self.settings.worker_id,
             engine=self.engine.name,
@@ -575,6 +577,8 @@ class Worker:
             interactive=interactive,
             partitions=self._partitions(),
             topic=self.settings.requests_topic,
+            kv_cache_usage=kv,
+            tokens_per_s=rate,
         )
         self._listed = beat.partitions
         try:
