@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from subprocess import Popen
+
     from redis.asyncio import Redis
     from rich.console import Group
 
@@ -50,50 +53,47 @@ def _up(args: argparse.Namespace) -> None:
     from shared import devstack
     from shared.models import prepare_default_model
     from shared.settings import Settings
+    from shared.supervisor import Supervisor
 
     settings = Settings()
     # Local mode: no API keys to create first, unless SLUICE_AUTH_ENABLED says otherwise.
     if "auth_enabled" not in settings.model_fields_set:
         settings = settings.model_copy(update={"auth_enabled": False})
-    prepare_default_model(settings)
     RUN_DIR.mkdir(exist_ok=True)
-    services = {}
-    kafka_host, kafka_port = devstack.host_port(settings.kafka, 9092)
-    if not devstack.port_open(kafka_host, kafka_port):
-        services["broker"] = devstack.start_broker(kafka_port, RUN_DIR / "broker.log")
-    redis_host, redis_port = devstack.host_port(settings.redis, 6379)
-    if not devstack.port_open(redis_host, redis_port):
-        services["redis"] = devstack.start_redis(redis_port, RUN_DIR / "redis.log")
-    if settings.vector_store == "milvus" and settings.milvus_uri.startswith("http"):
-        milvus_host, milvus_port = devstack.host_port(settings.milvus_uri, 19530)
-        if not devstack.port_open(milvus_host, milvus_port):
-            services["milvus"] = devstack.start_milvus(
-                milvus_port, settings.milvus_data_dir, RUN_DIR / "milvus.log"
-            )
+    services = _services_to_start(settings)
+    _refuse_ports_in_use(settings, args.workers, services)
+    prepare_default_model(settings)
     stack = devstack.LocalStack(settings, RUN_DIR)
-    stack.start_worker()
-    stack.start_ingestion()
-    stack.start_api()
-    everything = [*services.values(), *stack.processes()]
-    (RUN_DIR / "pids.json").write_text(json.dumps([os.getpid(), *(p.pid for p in everything)]))
+    supervisor = Supervisor(RUN_DIR / "pids.json")
 
     def shutdown(*_: object) -> None:
         print("\nstopping everything started here")
-        stack.stop()
-        for proc in reversed(services.values()):
-            devstack.stop(proc)
-        (RUN_DIR / "pids.json").unlink(missing_ok=True)
+        supervisor.stop()
         sys.exit(0)
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    started = ", ".join([*services, "worker", "ingestion", "API"])
+    for name, start in services.items():
+        supervisor.add(name, start, vital=True)
+    cores = os.cpu_count() or 1
+    for i in range(args.workers):
+        # Each its own metrics port and, with several, its own core (vLLM-CPU binds to core
+        # 0 by default, so two engines would share one).
+        env = {"SLUICE_WORKER_METRICS_PORT": str(settings.worker_metrics_port + i)}
+        if args.workers > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % cores)
+        log = RUN_DIR / f"worker-{i}.log"
+        supervisor.add(f"worker-{i}", lambda log=log, env=env: stack.spawn("worker", log, env))
+    supervisor.add("ingestion", lambda: stack.spawn("ingestion", RUN_DIR / "ingestion.log"))
+    supervisor.add("API", lambda: stack.spawn("api", RUN_DIR / "api.log"), vital=True)
+    started = ", ".join([*services, f"{args.workers} worker(s)", "ingestion", "API"])
     print(f"starting {started} (logs in {RUN_DIR}/); the engine takes ~1-2 min on CPU")
-    try:
-        stack.wait_ready()
-    except (RuntimeError, TimeoutError) as e:
-        print(e)
-        shutdown()
+    deadline = time.monotonic() + 600
+    while not stack.ready():
+        if (gave_up := supervisor.check()) or time.monotonic() > deadline:
+            print(f"{gave_up or 'the API'} did not come up; see the logs in {RUN_DIR}/")
+            shutdown()
+        time.sleep(0.5)
     _ingest_samples(settings)
     print(f"\nSluice is ready at {stack.url}\n\n{CURL_EXAMPLE.format(url=stack.url)}\n")
     if settings.auth_enabled:
@@ -102,11 +102,55 @@ def _up(args: argparse.Namespace) -> None:
     else:
         print("Auth is off (local mode): set SLUICE_AUTH_ENABLED=true to require API keys.\n")
     print(f"Ask the sample documents (data/):\n\n{RAG_EXAMPLE.format(url=stack.url)}\n")
-    print("Ctrl-C (or `make stop`) stops everything started here.")
-    while all(p.poll() is None for p in everything):
-        time.sleep(1)
-    print(f"a process exited; see the logs in {RUN_DIR}/")
+    print("Ctrl-C (or `make stop`) stops everything started here; a process that exits is")
+    print("started again.", flush=True)
+    while (gave_up := supervisor.check()) is None:
+        time.sleep(0.5)
+    print(f"{gave_up} keeps exiting; see the logs in {RUN_DIR}/")
     shutdown()
+
+
+def _services_to_start(settings: Settings) -> dict[str, Callable[[], Popen[bytes]]]:
+    """The broker, Redis and Milvus server the settings point at, where nothing listens yet
+    (a Redis already running on loopback is used as it is)."""
+    from shared import devstack
+
+    services: dict[str, Callable[[], Popen[bytes]]] = {}
+    kafka_host, kafka_port = devstack.host_port(settings.kafka, 9092)
+    if not devstack.port_open(kafka_host, kafka_port):
+        services["broker"] = lambda: devstack.start_broker(kafka_port, RUN_DIR / "broker.log")
+    redis_host, redis_port = devstack.host_port(settings.redis, 6379)
+    if not devstack.port_open(redis_host, redis_port):
+        services["redis"] = lambda: devstack.start_redis(redis_port, RUN_DIR / "redis.log")
+    if settings.vector_store == "milvus" and settings.milvus_uri.startswith("http"):
+        milvus_host, milvus_port = devstack.host_port(settings.milvus_uri, 19530)
+        if not devstack.port_open(milvus_host, milvus_port):
+            data, log = settings.milvus_data_dir, RUN_DIR / "milvus.log"
+            services["milvus"] = lambda: devstack.start_milvus(milvus_port, data, log)
+    return services
+
+
+def _refuse_ports_in_use(settings: Settings, workers: int, services: dict[str, object]) -> None:
+    """Exit with one line if another `sluice up` runs or a port this stack listens on is
+    taken, before anything starts (and before the pid file of a running stack is replaced)."""
+    from shared import devstack
+    from shared.supervisor import port_in_use, running_stack
+
+    pids = RUN_DIR / "pids.json"
+    if (other := running_stack(pids)) is not None:
+        sys.exit(f"another `sluice up` (pid {other}) runs here: `make stop` or `sluice down` first")
+    host = settings.metrics_host
+    ports = [(settings.host, settings.port, "the API")]
+    ports += [(host, settings.worker_metrics_port + i, f"worker {i}'s metrics")
+              for i in range(workers)]  # fmt: skip
+    ports.append((host, settings.ingestion_metrics_port, "ingestion's metrics"))
+    for name, address, default in (("broker", settings.kafka, 9092),
+                                   ("milvus", settings.milvus_uri, 19530)):  # fmt: skip
+        if name in services:  # we start it: its port must be ours
+            ports.append((*devstack.host_port(address, default), f"the {name}"))
+    for host, port, what in ports:
+        if port and (refusal := port_in_use(host, port, what, pids)):
+            sys.exit(refusal)
 
 
 def _ingest_samples(settings: object) -> None:
@@ -461,7 +505,9 @@ def main(argv: list[str] | None = None) -> None:
         "--wait", type=float, default=300.0, help="seconds to wait for indexing (0: do not wait)"
     )
     ingest.set_defaults(fn=_ingest)
-    sub.add_parser("up", help="run the whole stack locally").set_defaults(fn=_up)
+    up = sub.add_parser("up", help="run the whole stack locally, restarting what exits")
+    up.add_argument("--workers", type=int, default=1, help="local workers (default 1)")
+    up.set_defaults(fn=_up)
     sub.add_parser("down", help="stop what `sluice up` started").set_defaults(fn=_down)
     model = sub.add_parser("model", help="model preparation")
     model.add_argument("action", choices=["prepare"])

@@ -165,6 +165,13 @@ class LocalStack:
         self.workers.append(proc)
         return proc
 
+    def spawn(
+        self, service: str, log_path: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`sluice SERVICE` with this stack's settings, not tracked here (`sluice up`'s
+        supervisor tracks and restarts it)."""
+        return spawn_sluice([service], log_path, {**self._env(service), **(env or {})})
+
     def stop_workers(self) -> None:
         for proc in self.workers:
             stop(proc)
