@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from rich.console import Group
 
-    from shared.fleet import FleetStatus
+    from shared.fleet import FleetStatus, Member
     from shared.settings import Settings
 
 RUN_DIR = Path(".run")
@@ -296,10 +296,12 @@ def _status(args: argparse.Namespace) -> None:
     if args.json:
         print(take().model_dump_json(indent=2))
         return
+    # Topic names are long: a pipe gets 160 columns rather than rich's 80, so none is cut.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     if not args.watch:
-        Console().print(_status_view(take()))
+        console.print(_status_view(take()))
         return
-    with Live(_status_view(take()), auto_refresh=False, screen=False) as live:
+    with Live(_status_view(take()), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(args.watch)
             live.update(_status_view(take()), refresh=True)
@@ -311,9 +313,13 @@ def _status_view(status: FleetStatus) -> Group:
     from rich.table import Table
 
     topics = Table("topic", "kind", "group", "partition", "end", "committed", "lag", "oldest",
-                   title="Topics (lag = end - committed: waiting or running)")  # fmt: skip
+                   title="Topics (lag = end - committed: waiting or running; partitions never "
+                   "written to are left out)")  # fmt: skip
     for t in status.topics:
-        for p in t.partitions:
+        used = [p for p in t.partitions if p.end or p.lag]
+        if not used:
+            topics.add_row(t.topic, t.kind, t.group or "", f"all {len(t.partitions)}", "0")
+        for p in used:
             age = "" if p.oldest_age_s is None else f"{p.oldest_age_s:.1f} s"
             committed = "-" if p.committed is None else str(p.committed)
             topics.add_row(t.topic, t.kind, t.group or "", str(p.partition), str(p.end),
@@ -328,16 +334,18 @@ def _status_view(status: FleetStatus) -> Group:
                         f"{w.heartbeat_age_s:.1f} s ago")  # fmt: skip
     groups = Table("group", "state", "members and partitions", title="Consumer groups")
     for g in status.groups:
-        members = (
-            "not reported by this broker (see the workers' partitions)"
-            if g.members is None
-            else "; ".join(f"{m.client_id}@{m.host}: {','.join(m.partitions)}" for m in g.members)
-        )
+        members = "none" if g.members is None else "; ".join(map(_member, g.members))
         groups.add_row(g.group, g.state, members)
     dead = Table("dead-letter topic", "count", "last reasons", title="Dead letters")
     for d in status.dead_letters:
         dead.add_row(d.topic, str(d.count), " | ".join(d.last_reasons))
     return Group(topics, workers, groups, dead)
+
+
+def _member(m: Member) -> str:
+    # The dev broker returns no assignments: the workers' heartbeats list their partitions.
+    held = ",".join(m.partitions) or "partitions not reported by the broker"
+    return f"{m.client_id}{'@' + m.host if m.host else ''}: {held}"
 
 
 def _trace(args: argparse.Namespace) -> None:

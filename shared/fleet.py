@@ -6,8 +6,8 @@ each dead-letter topic's count and last reasons.
 Read from Kafka's admin API, one group-less consumer and Redis. The dev broker (Tansu) differs
 from Kafka in two ways this works around: its ListOffsets is wrong after multi-record batches,
 so end offsets are the highwater marks a fetch reports (on Kafka the two agree); and its
-DescribeGroups lists no members, so who reads which partition comes from the workers'
-heartbeats there (on Kafka, from the group too).
+DescribeGroups lists the members without their assignments, so who reads which partition
+comes from the workers' heartbeats there (on Kafka, from the group too).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Member(BaseModel):
 class GroupStatus(BaseModel):
     group: str
     state: str
-    members: list[Member] | None  # None: the broker does not say (the dev broker)
+    members: list[Member] | None  # None: no member (a group that only commits, or idle)
 
 
 class WorkerStatus(BaseModel):

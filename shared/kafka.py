@@ -75,6 +75,7 @@ def make_consumer(
         *topics,
         **connection(settings),
         group_id=group or settings.consumer_group,
+        client_id=settings.worker_id,  # a group member is then known by its process
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,

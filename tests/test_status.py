@@ -86,7 +86,7 @@ async def test_status_reports_lag_groups_workers_and_dead_letters(services: Serv
         "w-1", 2, 0.25, 12.5,
     )  # fmt: skip
     [workers_group] = [g for g in status.groups if g.group == settings.consumer_group]
-    assert workers_group.members is None  # the dev broker lists no members: see the heartbeats
+    assert workers_group.members is None  # it only committed: no member
 
     # The command prints the same snapshot as JSON (and tables without --json).
     env = {**os.environ, **settings_env(settings)}
